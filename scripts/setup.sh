@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Set up diverse on a fresh machine: data, virtualenv, torch (CPU pin first), package.
+# Idempotent: a second run only checks what is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+# 1. Fashion-MNIST (Debian package) where apt is available and we are root.
+if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null; } \
+      || echo "setup: could not apt-get install dataset-fashion-mnist; set DIVERSE_DATA to a folder with the IDX files" >&2
+  else
+    echo "setup: Fashion-MNIST not in /usr/share/datasets/fashion-mnist; run 'apt-get install dataset-fashion-mnist' as root or set DIVERSE_DATA" >&2
+  fi
+fi
+
+# 2. Virtualenv with torch pinned FIRST, so nothing can resolve torch to a CUDA build.
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "diverse needs Python >= 3.11")'
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | grep -v '^WARNING: Location' || true
+.venv/bin/python -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2.13.0") else f"torch {torch.__version__} installed, expected 2.13.0")'
+
+# 3. The package and its test tools (the torch range in pyproject is satisfied by the pin).
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
+.venv/bin/python -c 'import diverse, torch; print(f"setup: diverse {diverse.__version__}, torch {torch.__version__}")'

@@ -1,0 +1,159 @@
+"""Command line: ``diverse train | evaluate | report``.
+
+Bad input (config keys, types, names, missing files or data) exits with code 2
+and one line on stderr, before any run directory is created. A diverging run
+exits with code 1 and keeps its last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from diverse.errors import DivergenceError, UserError
+
+
+def _catalog() -> str:
+    from diverse.data import DATASETS
+    from diverse.methods import METHODS
+    from diverse.models import MODELS
+
+    return (
+        "datasets: " + ", ".join(sorted(DATASETS)) + "\n"
+        "models:   " + ", ".join(sorted(MODELS)) + "\n"
+        "methods:  " + ", ".join(sorted(METHODS)) + "\n\n"
+        "examples:\n"
+        "  diverse train examples/fashion_mnist_de.toml --out runs/fmnist-de\n"
+        "  diverse train examples/fashion_mnist_de.toml --set ensemble.members=10 "
+        "--set train.lr=0.002\n"
+        "  diverse train --resume runs/fmnist-de\n"
+        "  diverse evaluate runs/fmnist-de --ood digits --ood gaussian\n"
+        "  diverse report runs/fmnist-de\n"
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diverse",
+        description="Diverse Bayesian deep ensembles: train, evaluate and report.",
+        epilog=_catalog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    tr = sub.add_parser("train", help="train an ensemble from a TOML config",
+                        epilog=_catalog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    tr.add_argument("config", nargs="?", help="TOML config (not needed with --resume)")
+    tr.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a config value (TOML syntax), repeatable")
+    tr.add_argument("--out", help="run directory (default runs/<config>-<time>)")
+    tr.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    tr.add_argument("--quiet", action="store_true", help="no progress output")
+    ev = sub.add_parser("evaluate", help="(re)evaluate a run: metrics.json, predictions.npz")
+    ev.add_argument("run_dir")
+    ev.add_argument("--ood", action="append", default=None, metavar="NAME",
+                    help="OOD set to score (repeatable; default: the config's [data] ood)")
+    ev.add_argument("--quiet", action="store_true")
+    rp = sub.add_parser("report", help="write report.md and plots/ for a run")
+    rp.add_argument("run_dir")
+    return parser
+
+
+def _finish(run, run_dir: Path, quiet: bool, ood: list[str] | None = None) -> None:
+    from diverse.evaluate import evaluate, write_evaluation
+    from diverse.report import write_report
+
+    figures, arrays = evaluate(run, ood)
+    write_evaluation(run_dir, figures, arrays)
+    report = write_report(run_dir)
+    if not quiet:
+        keys = ("accuracy", "nll", "ece", "brier", "rmse")
+        summary = " ".join(f"{k}={figures[k]:.4f}" for k in keys if k in figures)
+        for name, row in figures.get("ood", {}).items():
+            summary += f" auroc[{name}]={row['auroc']:.4f}"
+        print(f"{run_dir}: {summary}\nreport: {report}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from diverse.config import config_to_toml, load_config
+    from diverse.train import build_run, train
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if args.config or args.set or args.out:
+            raise UserError("--resume RUN_DIR takes its config from RUN_DIR/config.toml; "
+                            "drop CONFIG, --set and --out")
+        if not (run_dir / "config.toml").is_file():
+            raise UserError(f"--resume {str(run_dir)!r}: not a run directory (no config.toml)")
+        cfg = load_config(run_dir / "config.toml")
+        run = build_run(cfg)
+        if not (run_dir / "checkpoints" / "latest.json").is_file():
+            train(run, run_dir, show_progress=not args.quiet)  # died before epoch 1 ended
+        else:
+            train(run, run_dir, resume=True, show_progress=not args.quiet)
+        _finish(run, run_dir, args.quiet)
+        return
+    if not args.config:
+        raise UserError("train needs a CONFIG.toml (or --resume RUN_DIR)")
+    cfg = load_config(args.config, args.set)
+    run = build_run(cfg)  # every bad input fails here, before anything is written
+    run_dir = Path(args.out) if args.out else (
+        Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"--out {str(run_dir)!r} exists and is not empty; choose another "
+                        f"folder or continue it with --resume {run_dir}")
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        (run_dir / "config.toml").write_text(config_to_toml(cfg))
+        train(run, run_dir, show_progress=not args.quiet)
+    except UserError:
+        if created and not (run_dir / "checkpoints" / "latest.json").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    _finish(run, run_dir, args.quiet)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from diverse.config import load_config, replace
+    from diverse.train import load_trained
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.toml").is_file():
+        raise UserError(f"{str(run_dir)!r} is not a run directory (no config.toml)")
+    cfg = load_config(run_dir / "config.toml")
+    if args.ood is not None:
+        cfg = replace(cfg, "data", ood=tuple(args.ood))
+    run = load_trained(run_dir, cfg)
+    _finish(run, run_dir, args.quiet, args.ood)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from diverse.report import write_report
+
+    print(write_report(Path(args.run_dir)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "report": cmd_report}
+    try:
+        commands[args.command](args)
+    except UserError as err:
+        print(f"diverse: error: {err}", file=sys.stderr)
+        return 2
+    except DivergenceError as err:
+        print(f"diverse: training diverged: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ndiverse: interrupted; continue with `diverse train --resume RUN_DIR`",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

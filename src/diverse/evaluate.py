@@ -1,0 +1,78 @@
+"""Evaluation of a trained ensemble: ``metrics.json`` and ``predictions.npz``.
+
+Classification: accuracy, NLL of the ensemble mean, ECE (15 bins), adaptive
+ECE, Brier, entropies, mutual information, disagreement, per-member accuracy
+and NLL, and for each OOD set the detection figures with the predictive
+entropy as score (``ood``) and with the mutual information
+(``ood_mutual_information``). Regression: RMSE, the mixture's Gaussian NLL,
+calibration error and mean predictive std.
+
+``predictions.npz`` holds ``probs (M, N, C)`` and ``labels (N,)`` (and
+``ood_probs_<set> (M, K, C)``), or for regression ``means``/``stds``
+``(M, N, D)``, ``targets`` and ``inputs``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from diverse import metrics
+from diverse.checkpoint import atomic_save_npz, atomic_write_json
+from diverse.train import Run, predict
+
+
+def member_figures(probs: Tensor, labels: Tensor) -> dict[str, list[float]]:
+    return {
+        "member_accuracy": [float(metrics.accuracy(p[None], labels)) for p in probs],
+        "member_nll": [float(metrics.nll(p[None], labels)) for p in probs],
+    }
+
+
+def evaluate(run: Run, ood_names: list[str] | None = None) -> tuple[dict[str, Any],
+                                                                    dict[str, np.ndarray]]:
+    """Metrics and prediction arrays of the run's ensemble on the test (and OOD) sets.
+
+    ``ood_names`` restricts the OOD sets to those named (default: all loaded).
+    """
+    data = run.dataset
+    pred = predict(run.ensemble, run.likelihood, data.x_test)
+    out: dict[str, Any] = {"method": run.cfg.method.name, "members": run.cfg.ensemble.members,
+                           "dataset": data.name, "n_test": len(data.x_test)}
+    arrays: dict[str, np.ndarray] = {}
+    if data.task == "classification":
+        probs, labels = pred["probs"], data.y_test
+        out.update(metrics.classification_metrics(probs, labels))
+        out.update(member_figures(probs, labels))
+        arrays["probs"] = probs.float().numpy()
+        arrays["labels"] = labels.numpy()
+        out["ood"], out["ood_mutual_information"] = {}, {}
+        names = list(data.ood) if ood_names is None else ood_names
+        for name in names:
+            probs_out = predict(run.ensemble, run.likelihood, data.ood[name])["probs"]
+            out["ood"][name] = metrics.ood_metrics(probs, probs_out, score="entropy")
+            out["ood_mutual_information"][name] = metrics.ood_metrics(
+                probs, probs_out, score="mutual_information")
+            arrays[f"ood_probs_{name}"] = probs_out.float().numpy()
+    else:
+        means, stds, y = pred["means"], pred["stds"], data.y_test
+        out.update(metrics.regression_metrics(means[..., 0], stds[..., 0], y[:, 0]))
+        arrays.update(means=means.numpy(), stds=stds.numpy(), targets=y.numpy(),
+                      inputs=data.x_test.numpy())
+        if data.x_train.shape[1:] == (1,):
+            arrays["train_inputs"] = data.x_train.numpy()
+            arrays["train_targets"] = data.y_train.numpy()
+    return out, arrays
+
+
+def write_evaluation(run_dir: Path, figures: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    atomic_save_npz(Path(run_dir) / "predictions.npz", arrays)
+    atomic_write_json(Path(run_dir) / "metrics.json", figures)
+
+
+def read_metrics(run_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(run_dir) / "metrics.json").read_text())

@@ -1,0 +1,230 @@
+"""The training loop shared by every method, with checkpoints and exact resume.
+
+One step: draw the minibatch of the epoch's seeded permutation, let the method
+compute the gradient of its objective on the stacked parameters, set the
+scheduled learning rate, and take one optimizer step for all members at once.
+
+Determinism: initialization uses ``(seed, member)``; each epoch reseeds the
+global generator (dropout masks) and the shuffling generator from
+``(seed, epoch)``. A checkpoint is written atomically after every epoch, so a
+run killed at any point resumes from the last finished epoch and reaches
+exactly (bit for bit on CPU) the parameters of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from diverse import metrics
+from diverse.checkpoint import load_checkpoint, save_checkpoint
+from diverse.config import Config, config_to_dict
+from diverse.data import Dataset, load_dataset
+from diverse.ensemble import Ensemble, evaluating
+from diverse.errors import DivergenceError, UserError
+from diverse.likelihoods import Likelihood, build_likelihood
+from diverse.methods import METHODS, Step, StepResult
+from diverse.models import build_model
+from diverse.optim import (
+    build_optimizer,
+    load_optimizer_tensors,
+    optimizer_tensors,
+    schedule_factor,
+    set_lr,
+)
+from diverse.progress import Progress
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("[train] device = 'cuda': no CUDA device is available; use 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_033 + epoch * 104_729 + 99_991) % (2**63 - 1)
+
+
+@dataclass
+class Run:
+    """The live objects of a run, built from a config."""
+
+    cfg: Config
+    dataset: Dataset
+    likelihood: Likelihood
+    ensemble: Ensemble
+    update: Callable[[Step], StepResult]
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.dataset.x_train) / self.cfg.train.batch_size)
+
+    @property
+    def total_steps(self) -> int:
+        t = self.cfg.train
+        return t.steps if t.steps > 0 else t.epochs * self.steps_per_epoch
+
+    @property
+    def total_epochs(self) -> int:
+        return math.ceil(self.total_steps / self.steps_per_epoch)
+
+
+def build_run(cfg: Config, dataset: Dataset | None = None) -> Run:
+    """Load data and build likelihood, ensemble, method and optimizer.
+
+    Everything that can fail on bad input fails here, before a run directory
+    is created.
+    """
+    device = resolve_device(cfg.train.device)
+    dataset = dataset if dataset is not None else load_dataset(cfg.data)
+    likelihood = build_likelihood(cfg.likelihood)
+    if likelihood.task != dataset.task:
+        want = "gaussian" if dataset.task == "regression" else "categorical"
+        raise UserError(
+            f"[likelihood] name = {cfg.likelihood.name!r} does not fit the {dataset.task} data "
+            f"{cfg.data.name!r}: use name = {want!r}"
+        )
+    outputs = likelihood.outputs_per_target(dataset.num_outputs)
+    build_model(cfg.model, dataset.input_shape, outputs)  # validate once, outside the seeding
+
+    def factory() -> torch.nn.Module:
+        return build_model(cfg.model, dataset.input_shape, outputs)
+
+    ensemble = Ensemble(factory, cfg.ensemble.members, seed=cfg.train.seed,
+                        execution=cfg.ensemble.execution, device=device)
+    method_cls, method_builder = METHODS[cfg.method.name]
+    update = method_builder(cfg.method)
+    t = cfg.train
+    optimizer = build_optimizer(
+        list(ensemble.params.values()), t.optimizer, t.lr, momentum=t.momentum,
+        nesterov=t.nesterov, betas=(t.betas[0], t.betas[1]), weight_decay=t.weight_decay,
+    )
+    return Run(cfg, dataset, likelihood, ensemble, update, optimizer, device)
+
+
+@torch.no_grad()
+def predict(ensemble: Ensemble, likelihood: Likelihood, x: Tensor,
+            batch_size: int = 1000) -> dict[str, Tensor]:
+    """Predictions of every member in eval mode, on CPU: ``{key: (M, N, ...)}``."""
+    parts: list[dict[str, Tensor]] = []
+    with evaluating(ensemble):
+        for start in range(0, len(x), batch_size):
+            xb = x[start:start + batch_size].to(ensemble.device)
+            parts.append({k: v.cpu() for k, v in likelihood.predict(ensemble(xb)).items()})
+    return {k: torch.cat([p[k] for p in parts], dim=1) for k in parts[0]}
+
+
+def test_figures(run: Run) -> dict[str, float]:
+    """Quick held-out figures logged every ``eval_every`` epochs."""
+    pred = predict(run.ensemble, run.likelihood, run.dataset.x_test)
+    y = run.dataset.y_test
+    if "probs" in pred:
+        return {"test_accuracy": float(metrics.accuracy(pred["probs"], y)),
+                "test_nll": float(metrics.nll(pred["probs"], y))}
+    means, stds = pred["means"][..., 0], pred["stds"][..., 0]
+    return {"test_rmse": float(metrics.rmse(means, stds, y[:, 0])),
+            "test_nll": float(metrics.gaussian_mixture_nll(means, stds, y[:, 0]))}
+
+
+def train(
+    run: Run,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    show_progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Train to the end (or from the last checkpoint with ``resume``).
+
+    Returns the per-epoch history. ``on_step(global_step)`` is called after
+    every optimizer step (tests use it to interrupt a run).
+    """
+    cfg, ens, data = run.cfg, run.ensemble, run.dataset
+    t = cfg.train
+    step, start_epoch, history = 0, 1, []
+    if resume:
+        model_t, optim_t, manifest = load_checkpoint(run_dir)
+        ens.load_state_tensors({k: v.to(run.device) for k, v in model_t.items()})
+        load_optimizer_tensors(run.optimizer, list(ens.params), optim_t)
+        ens.execution = manifest["execution"]
+        step, start_epoch, history = manifest["step"], manifest["epoch"] + 1, manifest["history"]
+    x_train = data.x_train.to(run.device)
+    y_train = data.y_train.to(run.device)
+    n, spe, total = len(x_train), run.steps_per_epoch, run.total_steps
+    bar = Progress(total, f"train {cfg.method.name} M={cfg.ensemble.members}",
+                   enabled=show_progress, start=step)
+    for epoch in range(start_epoch, run.total_epochs + 1):
+        torch.manual_seed(epoch_seed(t.seed, epoch))
+        shuffle = torch.Generator().manual_seed(epoch_seed(t.seed, epoch))
+        order = torch.randperm(n, generator=shuffle).to(run.device)
+        ens.train()
+        t0 = time.perf_counter()
+        sums = {"loss": 0.0, "fit": 0.0, "count": 0}
+        for i in range(spe):
+            if step >= total:
+                break
+            idx = order[i * t.batch_size:(i + 1) * t.batch_size]
+            lr = t.lr * schedule_factor(t.schedule, step / total, final=t.final_lr_factor)
+            set_lr(run.optimizer, lr)
+            result = run.update(Step(ens, x_train[idx], y_train[idx], run.likelihood, n,
+                                     t.prior_std, step / total))
+            if not bool(torch.isfinite(result.loss).all()):
+                raise DivergenceError(
+                    f"non-finite loss at epoch {epoch} step {i + 1} (global step {step + 1}); "
+                    f"the last good checkpoint is epoch {epoch - 1} in {run_dir}/checkpoints"
+                )
+            for name, p in ens.params.items():
+                p.grad = result.grads[name]
+            run.optimizer.step()
+            step += 1
+            fit = run.likelihood.correct(result.outputs, y_train[idx]).mean()
+            sums["loss"] += float(result.loss.mean()) * len(idx)
+            sums["fit"] += float(fit) * len(idx)
+            sums["count"] += len(idx)
+            bar.update(step, epoch=f"{epoch}/{run.total_epochs}",
+                       loss=sums["loss"] / sums["count"], fit=sums["fit"] / sums["count"],
+                       **{k: v for k, v in result.logs.items()})
+            if on_step is not None:
+                on_step(step)
+        record: dict[str, Any] = {
+            "epoch": epoch, "step": step, "lr": lr, "seconds": time.perf_counter() - t0,
+            "train_loss": sums["loss"] / max(sums["count"], 1),
+            ("train_accuracy" if data.task == "classification" else "train_neg_mse"):
+                sums["fit"] / max(sums["count"], 1),
+        }
+        last = epoch == run.total_epochs
+        if (t.eval_every > 0 and epoch % t.eval_every == 0) or last:
+            record.update(test_figures(run))
+        history.append(record)
+        bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in record.items()))
+        save_checkpoint(
+            run_dir, epoch, ens.state_tensors(),
+            optimizer_tensors(run.optimizer, list(ens.params)),
+            {"config": config_to_dict(cfg), "step": step, "members": cfg.ensemble.members,
+             "execution": ens.resolved_execution(x_train[:t.batch_size]),
+             "history": history},
+            keep=t.keep_checkpoints,
+        )
+    bar.close()
+    return history
+
+
+def load_trained(run_dir: Path, cfg: Config, dataset: Dataset | None = None) -> Run:
+    """Rebuild a run from its config and load its latest checkpoint."""
+    run = build_run(cfg, dataset)
+    model_t, _optim, manifest = load_checkpoint(run_dir)
+    run.ensemble.load_state_tensors({k: v.to(run.device) for k, v in model_t.items()})
+    run.ensemble.execution = manifest["execution"]
+    return run
