@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from diverse import metrics
 from diverse.checkpoint import atomic_save_npz, atomic_write_json
+from diverse.data import Dataset
 from diverse.train import Run, predict
 
 
@@ -31,6 +33,14 @@ def member_figures(probs: Tensor, labels: Tensor) -> dict[str, list[float]]:
         "member_accuracy": [float(metrics.accuracy(p[None], labels)) for p in probs],
         "member_nll": [float(metrics.nll(p[None], labels)) for p in probs],
     }
+
+
+def _raw_inputs(x: Tensor, data: Dataset) -> Tensor:
+    """Undo the per-channel input normalization (for plots on the data's own axes)."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    mean = torch.tensor(data.mean, dtype=x.dtype).view(shape)
+    std = torch.tensor(data.std, dtype=x.dtype).view(shape)
+    return x * std + mean
 
 
 def evaluate(run: Run, ood_names: list[str] | None = None) -> tuple[dict[str, Any],
@@ -62,9 +72,9 @@ def evaluate(run: Run, ood_names: list[str] | None = None) -> tuple[dict[str, An
         means, stds, y = pred["means"], pred["stds"], data.y_test
         out.update(metrics.regression_metrics(means[..., 0], stds[..., 0], y[:, 0]))
         arrays.update(means=means.numpy(), stds=stds.numpy(), targets=y.numpy(),
-                      inputs=data.x_test.numpy())
+                      inputs=_raw_inputs(data.x_test, data).numpy())
         if data.x_train.shape[1:] == (1,):
-            arrays["train_inputs"] = data.x_train.numpy()
+            arrays["train_inputs"] = _raw_inputs(data.x_train, data).numpy()
             arrays["train_targets"] = data.y_train.numpy()
     return out, arrays
 
