@@ -222,7 +222,8 @@ def _stack(cfg, shape: tuple[int, ...], m: int = 3, train: bool = False):
 
 @pytest.mark.parametrize("key", list(CONFIGS))
 def test_vmap_matches_members_eval(key: str) -> None:
-    shape = (1, 28, 28) if key.startswith("lenet") or key == "resnet56" else (3, 32, 32)
+    # ResNets take any spatial size; 16x16 keeps the suite fast.
+    shape = (1, 28, 28) if key.startswith(("lenet", "linear", "mlp")) else (3, 16, 16)
     members, params, buffers, fn = _stack(CONFIGS[key], shape)
     x = torch.randn(2, *shape)
     out = fn(params, buffers, x)
@@ -238,7 +239,7 @@ def test_vmap_matches_members_eval(key: str) -> None:
 )
 def test_vmap_matches_members_train(key: str) -> None:
     """Train mode: BatchNorm uses batch stats and the stacked running stats update per member."""
-    shape = (3, 32, 32)
+    shape = (1, 28, 28) if key in ("mlp", "lenet5") else (3, 16, 16)
     members, params, buffers, fn = _stack(CONFIGS[key], shape, train=True)
     x = torch.randn(4, *shape)
     for step in range(2):
@@ -254,8 +255,8 @@ def test_vmap_matches_members_train(key: str) -> None:
 
 
 def test_vmap_matches_members_train_batchnorm_preact() -> None:
-    members, params, buffers, fn = _stack(PreActResNetConfig(), (3, 32, 32), train=True)
-    x = torch.randn(2, 3, 32, 32)
+    members, params, buffers, fn = _stack(PreActResNetConfig(), (3, 16, 16), train=True)
+    x = torch.randn(2, 3, 16, 16)
     out = fn(params, buffers, x)
     for i, member in enumerate(members):
         torch.testing.assert_close(out[i], member(x), rtol=1e-4, atol=1e-5)
@@ -291,7 +292,7 @@ def test_dropout_train_vs_eval(key: str) -> None:
     model.eval()
     out = fn(p, b, x)
     torch.testing.assert_close(out[0], out[1], rtol=0, atol=0)
-    torch.testing.assert_close(out[0], model(x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out[0], model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_no_dropout_modules_when_zero() -> None:
@@ -338,18 +339,33 @@ def test_group_count_capped_at_channels() -> None:
 
 def test_resnet20_without_norm_trains() -> None:
     torch.manual_seed(0)
-    model = build_model(ResNetConfig(norm="none"), (3, 32, 32), 10)
-    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model = build_model(ResNetConfig(norm="none"), (3, 16, 16), 10)
+    # Smooth (low-frequency) images: global pooling of i.i.d. pixel noise would make all
+    # inputs look alike to an unnormalised net.
+    x = F.interpolate(torch.randn(16, 3, 4, 4), size=16, mode="bilinear")
+    y = torch.randint(0, 10, (16,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9)
     losses = []
-    for _ in range(15):
+    for _ in range(25):
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses)
-    assert losses[-1] < 0.5 * losses[0]
+    assert losses[0] < 3.0  # near ln(10) = 2.30: zero-initialised branches keep logits sane
+    assert losses[-1] < 0.8 * losses[0]
+
+
+@pytest.mark.parametrize("name", ["resnet56", "preact-resnet18"])
+def test_deep_nets_without_norm_have_sane_initial_logits(name: str) -> None:
+    cfg = PreActResNetConfig(norm="none", width=8) if name.startswith("preact") else None
+    cfg = cfg or ResNetConfig(name=name, norm="none")
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 16, 16)
+    logits = build_model(cfg, (3, 16, 16), 10)(x)
+    # Without the zero init, 27 doubling residual stages would give logits ~ 1e3 and more.
+    assert logits.abs().max() < 10
 
 
 # --------------------------------------------------------------------------- configs, errors

@@ -514,9 +514,7 @@ class CifarResNet(nn.Module):
         self.norm1 = _make_norm(norm, width, groups)
         self.act1 = nn.ReLU()
         in_planes = width
-        for i, (planes, stride) in enumerate(
-            [(width, 1), (2 * width, 2), (4 * width, 2)], start=1
-        ):
+        for i, (planes, stride) in enumerate([(width, 1), (2 * width, 2), (4 * width, 2)], start=1):
             blocks = []
             for j in range(n):
                 blocks.append(BasicBlock(in_planes, planes, stride if j == 0 else 1, norm, groups))
@@ -660,9 +658,7 @@ def build_resnet(cfg: ResNetConfig, input_shape: tuple[int, ...], num_outputs: i
     """Builder for ``"resnet20"``, ``"resnet32"``, ``"resnet56"``: :class:`CifarResNet`."""
     c, _, _ = _check_image_shape(cfg.name, _check_shape(input_shape, num_outputs))
     if cfg.name not in _RESNET_DEPTHS:
-        raise UserError(
-            f"unknown CIFAR ResNet {cfg.name!r}; allowed: {', '.join(_RESNET_DEPTHS)}"
-        )
+        raise UserError(f"unknown CIFAR ResNet {cfg.name!r}; allowed: {', '.join(_RESNET_DEPTHS)}")
     return CifarResNet(_RESNET_DEPTHS[cfg.name], c, num_outputs, cfg.norm, cfg.groups, cfg.width)
 
 
@@ -700,7 +696,5 @@ def build_model(cfg: Any, input_shape: tuple[int, ...], num_outputs: int) -> nn.
         raise UserError(f"unknown model {name!r}; allowed: {', '.join(MODELS)}")
     cfg_cls, builder = MODELS[name]
     if not isinstance(cfg, cfg_cls):
-        raise UserError(
-            f"model {name!r} needs a {cfg_cls.__name__}, got {type(cfg).__name__}"
-        )
+        raise UserError(f"model {name!r} needs a {cfg_cls.__name__}, got {type(cfg).__name__}")
     return builder(cfg, tuple(input_shape), num_outputs)
