@@ -34,7 +34,7 @@ def test_help_lists_datasets_models_and_methods(capsys):
     (["--set", "ensemble.members=0"], "[ensemble] members = 0: must be an integer >= 1"),
     (["--set", "data.name=imagenet"], "[data] name = 'imagenet': allowed"),
     (["--set", "model.name=vit"], "unknown model 'vit'; allowed:"),
-    (["--set", "method.name=magic"], "unknown method 'magic'; allowed: de"),
+    (["--set", "method.name=magic"], "unknown method 'magic'; allowed: de, f-svgd"),
     (["--set", "data.name=fashion-mnist", "--set", "data.path=EMPTY"], "apt-get install"),
     (["--set", "likelihood.name=gaussian"], "does not fit the classification data"),
 ])

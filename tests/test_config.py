@@ -48,8 +48,9 @@ def test_toml_round_trip_and_overrides(tmp_path):
     ({"ensemble": {"execution": "gpu"}}, r"execution = 'gpu': allowed auto, vmap, loop"),
     ({"data": {"name": "imagenet"}}, r"\[data\] name = 'imagenet': allowed .*fashion-mnist"),
     ({"model": {"name": "vit"}}, r"unknown model 'vit'; allowed: .*lenet5"),
-    ({"method": {"name": "magic"}}, r"unknown method 'magic'; allowed: de"),
-    ({"model": {"name": "mlp", "depth": 3}}, r"unknown key \[model\] 'depth'; allowed: name, hidden"),
+    ({"method": {"name": "magic"}}, r"unknown method 'magic'; allowed: de, f-svgd"),
+    ({"model": {"name": "mlp", "depth": 3}},
+     r"unknown key \[model\] 'depth'; allowed: name, hidden"),
     ({"train": {"optimizer": "lbfgs"}}, r"optimizer = 'lbfgs': allowed sgd, adam, adamw"),
     ({"train": {"prior_std": 1.0, "weight_decay": 1e-4}}, r"set one of them, not both"),
 ])

@@ -106,7 +106,7 @@ def test_features_match_forward_hooks_on_each_member():
             seen = {}
             for name in layers:
                 dict(member.named_modules())[name].register_forward_hook(
-                    lambda _m, _i, o, name=name: seen.__setitem__(name, o))
+                    lambda _m, _i, o, name=name, seen=seen: seen.__setitem__(name, o))
             member(x)
             for name in layers:
                 torch.testing.assert_close(feats[name][m], seen[name], atol=1e-5, rtol=1e-5)

@@ -18,8 +18,8 @@ from diverse.errors import DivergenceError, UserError
 
 
 def _catalog() -> str:
+    from diverse.catalog import METHODS
     from diverse.data import DATASETS
-    from diverse.methods import METHODS
     from diverse.models import MODELS
 
     return (

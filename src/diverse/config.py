@@ -24,11 +24,11 @@ from typing import Any
 
 import tomli_w
 
+from diverse.catalog import METHODS
 from diverse.data import DATASETS, DataConfig
 from diverse.ensemble import EXECUTIONS
 from diverse.errors import UserError
 from diverse.likelihoods import LIKELIHOODS, LikelihoodConfig
-from diverse.methods import METHODS
 from diverse.models import MODELS
 from diverse.optim import OPTIMIZERS, SCHEDULES
 
@@ -73,6 +73,8 @@ class TrainConfig:
         eval_every: evaluate on the test set every this many epochs (1; 0 = only
             at the end).
         keep_checkpoints: epoch checkpoints kept on disk (default 2).
+        checkpoint_every: write a checkpoint every this many epochs (default 1;
+            the last epoch always). A resume restarts after the last one.
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
     """
 
@@ -91,6 +93,7 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 1
     keep_checkpoints: int = 2
+    checkpoint_every: int = 1
     device: str = "auto"
 
 
@@ -187,6 +190,7 @@ def validate(cfg: Config) -> Config:
         "[ensemble] members": cfg.ensemble.members,
         "[train] batch_size": cfg.train.batch_size,
         "[train] keep_checkpoints": cfg.train.keep_checkpoints,
+        "[train] checkpoint_every": cfg.train.checkpoint_every,
     }
     for where, value in positive.items():
         if value < 1:

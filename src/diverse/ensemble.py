@@ -141,7 +141,8 @@ class Ensemble:
         if mode == "vmap":
             return self._vmapped[not per_member_input](dict(params), dict(buffers), x)
         outs = []
-        for m in range(self.members):
+        count = next(iter(params.values())).shape[0] if params else self.members
+        for m in range(count):
             p = {k: v[m] for k, v in params.items()}
             b = {k: v[m] for k, v in buffers.items()}
             outs.append(self._member_forward(p, b, x[m] if per_member_input else x))

@@ -8,9 +8,9 @@ for every stacked parameter, and scalar diagnostics. The optimizer then
 descends that gradient. A particle method returns minus its update direction
 φ; the deep ensemble returns the independent negative log-posterior gradients.
 
-The registry :data:`METHODS` maps the ``[method] name`` of a config to its
-config dataclass and builder; it is the one name→builder table, read at the
-configuration edge.
+A builder takes the method's config dataclass and the loaded data set (for
+what a method precomputes from the training data) and returns the update.
+The name→builder table is :data:`diverse.catalog.METHODS`.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class DeepEnsembleConfig:
     name: str = "de"
 
 
-def deep_ensemble(cfg: DeepEnsembleConfig) -> Callable[[Step], StepResult]:
+def deep_ensemble(cfg: DeepEnsembleConfig, dataset: Any = None) -> Callable[[Step], StepResult]:
     """Deep ensemble (Lakshminarayanan et al. 2017) as MAP members.
 
     Each member descends its own negative log posterior; because members share
@@ -110,8 +110,3 @@ def deep_ensemble(cfg: DeepEnsembleConfig) -> Callable[[Step], StepResult]:
     return update
 
 
-MethodBuilder = Callable[[Any], Callable[[Step], StepResult]]
-
-METHODS: dict[str, tuple[type, MethodBuilder]] = {
-    "de": (DeepEnsembleConfig, deep_ensemble),
-}

@@ -24,13 +24,14 @@ import torch
 from torch import Tensor
 
 from diverse import metrics
+from diverse.catalog import METHODS
 from diverse.checkpoint import load_checkpoint, save_checkpoint
 from diverse.config import Config, config_to_dict
 from diverse.data import Dataset, load_dataset
 from diverse.ensemble import Ensemble, evaluating
 from diverse.errors import DivergenceError, UserError
 from diverse.likelihoods import Likelihood, build_likelihood
-from diverse.methods import METHODS, Step, StepResult
+from diverse.methods import Step, StepResult
 from diverse.models import build_model
 from diverse.optim import (
     build_optimizer,
@@ -103,8 +104,8 @@ def build_run(cfg: Config, dataset: Dataset | None = None) -> Run:
 
     ensemble = Ensemble(factory, cfg.ensemble.members, seed=cfg.train.seed,
                         execution=cfg.ensemble.execution, device=device)
-    method_cls, method_builder = METHODS[cfg.method.name]
-    update = method_builder(cfg.method)
+    _method_cls, method_builder = METHODS[cfg.method.name]
+    update = method_builder(cfg.method, dataset)
     t = cfg.train
     optimizer = build_optimizer(
         list(ensemble.params.values()), t.optimizer, t.lr, momentum=t.momentum,
@@ -170,7 +171,8 @@ def train(
         order = torch.randperm(n, generator=shuffle).to(run.device)
         ens.train()
         t0 = time.perf_counter()
-        sums = {"loss": 0.0, "fit": 0.0, "count": 0}
+        sums = {"loss": 0.0, "fit": 0.0, "count": 0, "steps": 0}
+        diag: dict[str, float] = {}
         for i in range(spe):
             if step >= total:
                 break
@@ -192,6 +194,9 @@ def train(
             sums["loss"] += float(result.loss.mean()) * len(idx)
             sums["fit"] += float(fit) * len(idx)
             sums["count"] += len(idx)
+            sums["steps"] += 1
+            for key, value in result.logs.items():
+                diag[key] = diag.get(key, 0.0) + value
             bar.update(step, epoch=f"{epoch}/{run.total_epochs}",
                        loss=sums["loss"] / sums["count"], fit=sums["fit"] / sums["count"],
                        **{k: v for k, v in result.logs.items()})
@@ -203,12 +208,16 @@ def train(
             ("train_accuracy" if data.task == "classification" else "train_neg_mse"):
                 sums["fit"] / max(sums["count"], 1),
         }
+        record.update({f"diag_{k}": v / max(sums["steps"], 1) for k, v in diag.items()})
         last = epoch == run.total_epochs
         if (t.eval_every > 0 and epoch % t.eval_every == 0) or last:
             record.update(test_figures(run))
         history.append(record)
-        bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                           for k, v in record.items()))
+        if spe >= 10 or last or epoch % max(1, run.total_epochs // 20) == 0:
+            bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in record.items()))
+        if epoch % t.checkpoint_every and not last:
+            continue
         save_checkpoint(
             run_dir, epoch, ens.state_tensors(),
             optimizer_tensors(run.optimizer, list(ens.params)),
