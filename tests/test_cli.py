@@ -107,8 +107,9 @@ def test_train_writes_the_run_directory(tmp_path, capsys):
 
 def test_regression_run(tmp_path):
     run = tmp_path / "reg"
-    args = ["train", "examples/regression_1d_de.toml", "--set", "train.epochs=30",
-            "--set", "ensemble.members=4", "--out", str(run), "--quiet"]
+    args = ["train", "examples/regression_1d_de.toml", "--set", "train.steps=30",
+            "--set", "train.checkpoint_every=10", "--set", "ensemble.members=4",
+            "--out", str(run), "--quiet"]
     assert main(args) == 0
     figures = json.loads((run / "metrics.json").read_text())
     assert {"rmse", "nll", "calibration_error", "mean_std"} <= set(figures)

@@ -43,6 +43,22 @@ def _raw_inputs(x: Tensor, data: Dataset) -> Tensor:
     return x * std + mean
 
 
+def data_gap_spread(data: Dataset, means: Tensor, far: float = 0.5) -> dict[str, float]:
+    """1D inputs: mean member spread (std of member means) far from / near the data.
+
+    A test input is "far" when its nearest training input (in the data's own
+    units) is more than ``far`` away — e.g. the gap of the ``regression-1d``
+    toy. ``means`` is ``(M, N)``.
+    """
+    x_test = _raw_inputs(data.x_test, data)[:, 0]
+    x_train = _raw_inputs(data.x_train, data)[:, 0]
+    distance = (x_test[:, None] - x_train[None, :]).abs().min(1).values
+    spread = means.std(0) if means.shape[0] > 1 else torch.zeros(means.shape[1])
+    mask = distance > far
+    return {"member_std_far_from_data": float(spread[mask].mean()) if mask.any() else 0.0,
+            "member_std_near_data": float(spread[~mask].mean()) if (~mask).any() else 0.0}
+
+
 def evaluate(run: Run, ood_names: list[str] | None = None) -> tuple[dict[str, Any],
                                                                     dict[str, np.ndarray]]:
     """Metrics and prediction arrays of the run's ensemble on the test (and OOD) sets.
@@ -71,6 +87,8 @@ def evaluate(run: Run, ood_names: list[str] | None = None) -> tuple[dict[str, An
     else:
         means, stds, y = pred["means"], pred["stds"], data.y_test
         out.update(metrics.regression_metrics(means[..., 0], stds[..., 0], y[:, 0]))
+        if data.x_train.shape[1:] == (1,):
+            out.update(data_gap_spread(data, means[..., 0]))
         arrays.update(means=means.numpy(), stds=stds.numpy(), targets=y.numpy(),
                       inputs=_raw_inputs(data.x_test, data).numpy())
         if data.x_train.shape[1:] == (1,):

@@ -66,9 +66,12 @@ class SVGDConfig:
         fgsm_epsilon: > 0 adds the likelihood of FGSM adversarial inputs
             x + ε·sign(∇_x NLL) per member to the driving term (default 0).
         output: function space only: ``"softmax"`` (reference) or ``"logits"``.
-        context_points: function space only: extra training inputs drawn at
-            random each step and appended to the batch for the repulsion and
-            the prior (default 0).
+        context_points: function space only: extra inputs drawn at random each
+            step and appended to the batch for the repulsion and the prior
+            (default 0), from ``context_source``: ``"train"`` (training
+            inputs, default) or ``"box"`` (uniform in the training inputs'
+            bounding box widened by 25% per side — for low-dimensional toys,
+            so that the gaps between data are compared too).
         prior_samples: function space only: weight-prior draws for the SSGE
             estimate of the function-space prior score (0 = M; default 0).
             The weight prior is N(0, σ²) with σ = ``[train] prior_std``; with
@@ -86,6 +89,7 @@ class SVGDConfig:
     fgsm_epsilon: float = 0.0
     output: str = "softmax"
     context_points: int = 0
+    context_source: str = "train"
     prior_samples: int = 0
 
 
@@ -117,6 +121,7 @@ def _check(cfg: SVGDConfig) -> None:
     choice("annealing", ANNEALINGS)
     choice("repulsion_scale", REPULSION_SCALES)
     choice("output", ("softmax", "logits"))
+    choice("context_source", ("train", "box"))
     if isinstance(cfg, WGDConfig):
         choice("estimator", tuple(scores.SCORE_ESTIMATORS))
         if cfg.estimator == "ssge" and cfg.kernel != "rbf":
@@ -256,8 +261,7 @@ def function_space(cfg: SVGDConfig, direction: Repulsion,
         b = len(step.x)
         x = step.x
         if cfg.context_points > 0 and x_pool is not None:
-            pick = torch.randint(0, len(x_pool), (cfg.context_points,), device="cpu")
-            x = torch.cat([x, x_pool[pick].to(x.device)])
+            x = torch.cat([x, context_inputs(cfg, x_pool).to(x.device)])
         outputs = ens.apply(params, x)
         f = function_embedding(outputs, cfg.output)  # (M, B'·C), differentiable
         # driving in function space: ∇_f (1/B) Σ_b log p(y_b | f_b)  (= ∇_f log p(y|f) / N · N/B)
@@ -281,6 +285,16 @@ def function_space(cfg: SVGDConfig, direction: Repulsion,
                           grads=grads, logs=logs)
 
     return update
+
+
+def context_inputs(cfg: SVGDConfig, x_pool: Tensor) -> Tensor:
+    """``cfg.context_points`` inputs from the training pool or its widened box."""
+    if cfg.context_source == "train":
+        return x_pool[torch.randint(0, len(x_pool), (cfg.context_points,))]
+    low, high = x_pool.min(0).values, x_pool.max(0).values
+    low, high = low - 0.25 * (high - low), high + 0.25 * (high - low)
+    u = torch.rand((cfg.context_points, *x_pool.shape[1:]), dtype=x_pool.dtype)
+    return low + u * (high - low)
 
 
 @torch.no_grad()

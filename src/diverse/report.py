@@ -59,6 +59,31 @@ def plot_training_curves(history: list[dict[str, Any]], path: Path) -> None:
     _save(fig, path)
 
 
+def plot_diagnostics(history: list[dict[str, Any]], path: Path) -> bool:
+    """Per-epoch method diagnostics (``diag_*``): term norms, bandwidth, kernel, disagreement."""
+    epochs = [r["epoch"] for r in history]
+    panels = [("Driving vs repulsive term (norm per member)",
+               ("diag_driving_norm", "diag_repulsion_norm"), True),
+              ("Kernel", ("diag_bandwidth", "diag_kernel_mean"), True),
+              ("Member disagreement on the batch", ("diag_disagreement",), False)]
+    panels = [p for p in panels if any(k in history[0] for k in p[1])]
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (title, keys, log) in zip(axes[0], panels, strict=True):
+        for key in keys:
+            if key in history[0]:
+                ax.plot(epochs, [max(r.get(key, float("nan")), 1e-30) for r in history],
+                        label=key.removeprefix("diag_"))
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7)
+    _save(fig, path)
+    return True
+
+
 def plot_reliability(probs: np.ndarray, labels: np.ndarray, path: Path, bins: int = 15) -> None:
     conf, acc, count = (t.numpy() for t in metrics.reliability_diagram(
         torch.from_numpy(probs), torch.from_numpy(labels), bins=bins))
@@ -156,6 +181,14 @@ def write_report(run_dir: Path) -> Path:
     if history:
         plot_training_curves(history, plots / "training_curves.png")
         images.append(("Training curves", "plots/training_curves.png"))
+        if plot_diagnostics(history, plots / "diagnostics.png"):
+            images.append(("Method diagnostics", "plots/diagnostics.png"))
+            last = history[-1]
+            if "diag_driving_over_repulsion" in last:
+                lines += [f"Driving / repulsive term ratio in the last epoch: "
+                          f"{last['diag_driving_over_repulsion']:.3g} "
+                          f"(bandwidth {last.get('diag_bandwidth', float('nan')):.3g}, "
+                          f"mean kernel {last.get('diag_kernel_mean', float('nan')):.3g}).", ""]
     scalar = {k: v for k, v in figures.items()
               if isinstance(v, float) and not k.startswith("member_")}
     lines += ["## Test metrics", "", "| metric | value |", "|---|---|"]

@@ -42,6 +42,8 @@ from diverse.optim import (
 )
 from diverse.progress import Progress
 
+PROGRESS_LOGS = ("driving_over_repulsion", "disagreement")  # method diagnostics shown live
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -197,9 +199,11 @@ def train(
             sums["steps"] += 1
             for key, value in result.logs.items():
                 diag[key] = diag.get(key, 0.0) + value
+            fit_name = "acc" if data.task == "classification" else "neg_mse"
             bar.update(step, epoch=f"{epoch}/{run.total_epochs}",
-                       loss=sums["loss"] / sums["count"], fit=sums["fit"] / sums["count"],
-                       **{k: v for k, v in result.logs.items()})
+                       loss=sums["loss"] / sums["count"],
+                       **{fit_name: sums["fit"] / sums["count"]},
+                       **{k: v for k, v in result.logs.items() if k in PROGRESS_LOGS})
             if on_step is not None:
                 on_step(step)
         record: dict[str, Any] = {
