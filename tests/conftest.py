@@ -1,5 +1,6 @@
 """Test settings: one torch thread (tiny ops on a 2-core machine are dominated by
-thread start-up otherwise), and no stray DIVERSE_DATA from the environment."""
+thread start-up otherwise), no stray DIVERSE_DATA from the environment, and a
+fresh cache of `auto` execution choices per test."""
 
 import pytest
 import torch
@@ -14,5 +15,6 @@ def _single_thread():
 
 
 @pytest.fixture(autouse=True)
-def _no_user_data_dir(monkeypatch):
+def _no_user_data_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("DIVERSE_DATA", raising=False)
+    monkeypatch.setenv("DIVERSE_CACHE_DIR", str(tmp_path / "cache"))

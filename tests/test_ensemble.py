@@ -1,5 +1,7 @@
 """The ensemble core: vmap and loop executions agree; embeddings and pull-back."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -163,3 +165,17 @@ def test_bad_members_and_execution():
         Ensemble(lambda: nn.Linear(1, 1), 0)
     with pytest.raises(UserError, match="execution = 'fast'"):
         Ensemble(lambda: nn.Linear(1, 1), 1, execution="fast")
+
+
+def test_auto_choice_is_remembered_so_runs_repeat(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIVERSE_CACHE_DIR", str(tmp_path))
+    factory, shape = CASES["mlp"]
+    x = torch.randn(4, *shape)
+    first = Ensemble(factory, 2, execution="auto")
+    choice = first.resolved_execution(x)
+    cached = json.loads((tmp_path / "execution.json").read_text())
+    assert list(cached.values()) == [choice]
+    key = next(iter(cached))
+    other = "loop" if choice == "vmap" else "vmap"
+    (tmp_path / "execution.json").write_text(json.dumps({key: other}))
+    assert Ensemble(factory, 2, execution="auto").resolved_execution(x) == other

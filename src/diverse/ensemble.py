@@ -29,9 +29,12 @@ initialized from ``(seed, global index)`` alone, so a process holding members
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -208,11 +211,26 @@ class Ensemble:
 
     # ---------------------------------------------------------------- execution
     def resolved_execution(self, x: Tensor | None = None, per_member_input: bool = False) -> str:
-        """The execution in use; ``"auto"`` is timed on the first batch seen."""
+        """The execution in use; ``"auto"`` is resolved on the first batch seen.
+
+        The choice is timed once per (model, M, input shape, device, torch
+        version) and remembered in ``$DIVERSE_CACHE_DIR/execution.json``
+        (default ``~/.cache/diverse``), so repeated runs of one config make the
+        same choice and give the same numbers.
+        """
         if self.execution == "auto":
             if x is None:
                 raise RuntimeError("execution 'auto' is resolved on the first forward")
-            self.execution = self.time_executions(x, per_member_input)[0]
+            key = "|".join(map(str, (
+                type(self.module).__name__, sum(v[0].numel() for v in self.params.values()),
+                self.members, tuple(x.shape), per_member_input, x.device.type,
+                torch.__version__)))
+            cache = _execution_cache()
+            choice = cache.get(key)
+            if choice not in ("vmap", "loop"):
+                choice = self.time_executions(x, per_member_input)[0]
+                _store_execution(key, choice)
+            self.execution = choice
         return self.execution
 
     def time_executions(
@@ -291,6 +309,31 @@ class Ensemble:
                 self.params[k].copy_(v)
             elif k in self.buffers:
                 self.buffers[k].copy_(v)
+
+
+def _cache_path() -> Path:
+    root = os.environ.get("DIVERSE_CACHE_DIR") or Path.home() / ".cache" / "diverse"
+    return Path(root) / "execution.json"
+
+
+def _execution_cache() -> dict[str, str]:
+    try:
+        return json.loads(_cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _store_execution(key: str, choice: str) -> None:
+    """Remember an ``auto`` decision (best effort: a read-only home just skips it)."""
+    path = _cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cache = {**_execution_cache(), key: choice}
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def _sync(x: Tensor) -> None:
