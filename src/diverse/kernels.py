@@ -351,9 +351,15 @@ def kernel_matrix(
     return k
 
 
+def kernel_from_sq(name: str, sq: Tensor, h: Tensor, **kwargs: float) -> Tensor:
+    """Kernel matrix from precomputed squared distances and a resolved bandwidth."""
+    return _profile(name)(sq, h, **kwargs)[0]
+
+
 def kernel_grad_sums(
-    name: str, x: Tensor, h: Bandwidth = median_heuristic, **kwargs: float
-) -> tuple[Tensor, Tensor, Tensor]:
+    name: str, x: Tensor, h: Bandwidth = median_heuristic, *, sq: Tensor | None = None,
+    need: tuple[str, ...] = ("first", "second"), **kwargs: float
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Kernel matrix of a particle set and the two gradient sums, by matrix products.
 
     Args:
@@ -362,6 +368,8 @@ def kernel_grad_sums(
             is formed; memory ``O(M² + M·D)``).
         h: bandwidth; a heuristic sees ``sq_dists(x)``. A non-symmetric bandwidth
             (FoRDE's per-column ``h_j``) is allowed: ``K[i, j]`` uses ``h[i, j]``.
+        sq: ``sq_dists(x)`` if the caller already has it (saves an ``M×M×D`` product).
+        need: which sums to compute (``"first"``, ``"second"``); the others are ``None``.
         kwargs: kernel options (``beta`` for ``"imq"``).
 
     Returns:
@@ -375,12 +383,12 @@ def kernel_grad_sums(
     ``sum_second = Wᵀ x − x ⊙ (Wᵀ 1)``. For a symmetric bandwidth (scalar ``h``)
     ``sum_second = −sum_first``.
     """
-    sq = sq_dists(x)
+    sq = sq_dists(x) if sq is None else sq
     k, w = _profile(name)(sq, resolve_bandwidth(h, sq), **kwargs)
     w = w.to(x.dtype)
     # centring (translation invariance) keeps x ⊙ (W 1) and W x from cancelling badly
     xc = x - x.mean(dim=-2, keepdim=True)
-    sum_first = xc * w.sum(-1, keepdim=True) - w @ xc
+    sum_first = xc * w.sum(-1, keepdim=True) - w @ xc if "first" in need else None
     wt = w.mT
-    sum_second = wt @ xc - xc * wt.sum(-1, keepdim=True)
+    sum_second = wt @ xc - xc * wt.sum(-1, keepdim=True) if "second" in need else None
     return k, sum_first, sum_second

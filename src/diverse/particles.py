@@ -145,16 +145,19 @@ def wgd_direction(cfg: WGDConfig) -> Repulsion:
     """φ = a·d − c·ĝ with ĝ the estimated score of the particle density."""
     h = bandwidth_of(cfg)
     estimator = scores.SCORE_ESTIMATORS[cfg.estimator]
-    options: dict[str, Any] = {"kernel": cfg.kernel} if cfg.estimator != "ssge" else {}
+    options: dict[str, Any] = {"kernel": cfg.kernel}
     if cfg.estimator in ("sge", "ssge"):
         options["eta"] = cfg.eta
     if cfg.estimator == "ssge" and cfg.num_eigen > 0:
         options["num_eigen"] = cfg.num_eigen
 
     def direction(z: Tensor, drive: Tensor, a: float, c: float) -> tuple[Tensor, dict[str, float]]:
-        g = estimator(z, h, **options)
-        repulsion = c * g
-        return a * drive - repulsion, _diagnostics(z, h, cfg.kernel, a * drive, repulsion)
+        sq = kernels.sq_dists(z)  # once: the estimator, the bandwidth and the diagnostics share it
+        hv = kernels.resolve_bandwidth(h, sq)
+        repulsion = estimator(z, hv, sq=sq, **options).mul_(c)
+        driving = a * drive
+        logs = _diagnostics(sq, hv, cfg.kernel, driving, repulsion)
+        return driving.sub_(repulsion), logs
 
     return direction
 
@@ -164,27 +167,28 @@ def svgd_direction(cfg: SVGDConfig) -> Repulsion:
     h = bandwidth_of(cfg)
 
     def direction(z: Tensor, drive: Tensor, a: float, c: float) -> tuple[Tensor, dict[str, float]]:
-        k, _first, second = kernels.kernel_grad_sums(cfg.kernel, z, h)
+        sq = kernels.sq_dists(z)
+        hv = kernels.resolve_bandwidth(h, sq)
+        k, _first, second = kernels.kernel_grad_sums(cfg.kernel, z, hv, sq=sq, need=("second",))
         m = z.shape[0]
-        driving = a * (k.mT @ drive) / m
-        repulsion = -c * second / m  # sign: φ = driving − repulsion
-        return driving - repulsion, _diagnostics(z, h, cfg.kernel, driving, repulsion, k)
+        driving = (a / m) * (k.mT.to(drive.dtype) @ drive)
+        repulsion = second.mul_(-c / m)  # sign: φ = driving − repulsion
+        logs = _diagnostics(sq, hv, cfg.kernel, driving, repulsion, k)
+        return driving.sub_(repulsion), logs
 
     return direction
 
 
-def _diagnostics(z: Tensor, h: kernels.Bandwidth, kernel: str, driving: Tensor,
+def _diagnostics(sq: Tensor, h: Tensor, kernel: str, driving: Tensor,
                  repulsion: Tensor, k: Tensor | None = None) -> dict[str, float]:
     """Bandwidth, mean off-diagonal kernel value, mean per-member norms of the terms."""
-    sq = kernels.sq_dists(z.detach())
-    hv = kernels.resolve_bandwidth(h, sq)
     if k is None:
-        k = kernels.kernel_matrix(kernel, z.detach(), h=h)
+        k = kernels.kernel_from_sq(kernel, sq, h)
     m = k.shape[-1]
     off = (k.sum() - k.diagonal().sum()) / max(m * (m - 1), 1)
     dn = float(driving.norm(dim=-1).mean())
     rn = float(repulsion.norm(dim=-1).mean())
-    return {"bandwidth": float(hv.mean()), "kernel_mean": float(off), "driving_norm": dn,
+    return {"bandwidth": float(h.mean()), "kernel_mean": float(off), "driving_norm": dn,
             "repulsion_norm": rn, "driving_over_repulsion": dn / max(rn, 1e-30)}
 
 

@@ -59,13 +59,15 @@ def _apply(op64: Tensor, b: Tensor) -> Tensor:
     return op64.to(b.dtype) @ b
 
 
-def kde_score(x: Tensor, h: Bandwidth = median_heuristic, kernel: str = "rbf") -> Tensor:
+def kde_score(x: Tensor, h: Bandwidth = median_heuristic, kernel: str = "rbf",
+              sq: Tensor | None = None) -> Tensor:
     """Kernel-density score ``g_i = Σ_j ∇_{x_i} k(x_i, x_j) / Σ_j k(x_i, x_j)``.
 
     Args:
         x: particles ``(..., M, D)``.
         h: bandwidth (float, tensor or heuristic on ``sq_dists(x)``).
         kernel: ``"rbf"``, ``"laplace"`` or ``"imq"``.
+        sq: ``sq_dists(x)`` when the caller has it already.
 
     Returns:
         ``(..., M, D)``: the exact gradient of ``log Σ_j k(x, x_j)`` at ``x = x_i``,
@@ -75,12 +77,13 @@ def kde_score(x: Tensor, h: Bandwidth = median_heuristic, kernel: str = "rbf") -
         towards 0 (for an RBF kernel and Gaussian ``ρ = N(μ, Σ)`` it tends to
         ``−(Σ + h/2 I)⁻¹ (x − μ)``).
     """
-    k, sum_first, _ = kernel_grad_sums(kernel, x, h)
+    k, sum_first, _ = kernel_grad_sums(kernel, x, h, sq=sq, need=("first",))
     return sum_first / k.sum(-1, keepdim=True).to(x.dtype)
 
 
 def sge_score(
-    x: Tensor, h: Bandwidth = median_heuristic, eta: float = 0.01, kernel: str = "rbf"
+    x: Tensor, h: Bandwidth = median_heuristic, eta: float = 0.01, kernel: str = "rbf",
+    sq: Tensor | None = None,
 ) -> Tensor:
     """Stein gradient estimator ``G = −(Kᵀ + ηI)⁻¹ ∇K`` (Li & Turner 2018).
 
@@ -98,7 +101,7 @@ def sge_score(
         ridge-regularized. For a symmetric kernel this equals
         ``(K + ηI)⁻¹ Σ_j ∇_{x_i} k(x_i, x_j)``, the RDE code's form.
     """
-    k, _, sum_second = kernel_grad_sums(kernel, x, h)
+    k, _, sum_second = kernel_grad_sums(kernel, x, h, sq=sq, need=("second",))
     a = k.to(torch.float64).mT + eta * _eye_like(k, torch.float64)
     if sum_second.dtype == torch.float64:
         return -torch.linalg.solve(a, sum_second)
@@ -113,6 +116,7 @@ def ssge_score(
     eigen_ratio: float | None = None,
     y: Tensor | None = None,
     kernel: str = "rbf",
+    sq: Tensor | None = None,
 ) -> Tensor:
     """Spectral Stein gradient estimator (Shi, Sun & Zhu 2018).
 
@@ -147,13 +151,14 @@ def ssge_score(
     bandwidth of the samples throughout.
     """
     m = x.shape[-2]
-    h_t = resolve_bandwidth(h, sq_dists(x)) if callable(h) and not isinstance(h, Tensor) else h
+    sq = sq_dists(x) if sq is None else sq
+    h_t = resolve_bandwidth(h, sq) if callable(h) and not isinstance(h, Tensor) else h
     if isinstance(h_t, Tensor) and h_t.ndim >= 2 and h_t.shape[-2:] != (1, 1):
         raise ValueError(
             f"ssge_score needs one bandwidth per kernel matrix (symmetric K), got shape "
             f"{tuple(h_t.shape)}"
         )
-    k, _, sum_second = kernel_grad_sums(kernel, x, h_t)
+    k, _, sum_second = kernel_grad_sums(kernel, x, h_t, sq=sq, need=("second",))
     k64 = k.to(torch.float64)
     lam, u = torch.linalg.eigh(k64 + eta * _eye_like(k, torch.float64))  # ascending
     lam, u = lam.flip(-1), u.flip(-1)  # descending
