@@ -190,3 +190,21 @@ def test_pca_lengthscales_whiten_the_covariance():
     torch.testing.assert_close(metric.scale.double().square().sort().values, lam, atol=1e-4,
                                rtol=1e-4)
     assert torch.equal(pca_lengthscales(x, alpha=0.0).scale, torch.ones(3))
+
+
+def test_fgsm_inputs_and_their_likelihood_term():
+    torch.manual_seed(0)
+    from diverse.models import MLPConfig, build_model
+    from diverse.particles import adversarial_nll, fgsm_inputs
+
+    ens = Ensemble(lambda: build_model(MLPConfig(hidden=(8,)), (5,), 3), 2, seed=0)
+    x, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 0])
+    step = Step(ens, x, y, Categorical(), n_train=100, prior_std=0.0, progress=0.0)
+    xs = fgsm_inputs(step, ens.params, 0.1)
+    for m in range(2):
+        xm = x.clone().requires_grad_(True)
+        torch.nn.functional.cross_entropy(ens.member(m)(xm), y, reduction="sum").backward()
+        torch.testing.assert_close(xs[m], x + 0.1 * xm.grad.sign())
+        want = torch.nn.functional.cross_entropy(ens.member(m)(xs[m]), y)
+        torch.testing.assert_close(adversarial_nll(step, ens.params, 0.1)[m], want)
+    assert torch.equal(adversarial_nll(step, ens.params, 0.0), torch.zeros(2))
