@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+# drop pip's noise about absent local index folders; pip's own exit status still counts (pipefail)
+quiet_pip() { grep -v '^WARNING: Location' || true; }
 
 # 1. Fashion-MNIST (Debian package) where apt is available and we are root.
 if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
@@ -21,9 +23,11 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "diverse needs Python >= 3.11")'
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | grep -v '^WARNING: Location' || true
-.venv/bin/python -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2.13.0") else f"torch {torch.__version__} installed, expected 2.13.0")'
+.venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | quiet_pip
 
 # 3. The package and its test tools (the torch range in pyproject is satisfied by the pin).
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
-.venv/bin/python -c 'import diverse, torch; print(f"setup: diverse {diverse.__version__}, torch {torch.__version__}")'
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | quiet_pip
+.venv/bin/python -c 'import sys, diverse, torch
+if not torch.__version__.startswith("2.13.0"):
+    sys.exit(f"setup: torch {torch.__version__} installed, expected 2.13.0 (CPU)")
+print(f"setup: diverse {diverse.__version__}, torch {torch.__version__}")'
