@@ -128,7 +128,7 @@ def predict(ensemble: Ensemble, likelihood: Likelihood, x: Tensor,
     return {k: torch.cat([p[k] for p in parts], dim=1) for k in parts[0]}
 
 
-def test_figures(run: Run) -> dict[str, float]:
+def held_out_figures(run: Run) -> dict[str, float]:
     """Quick held-out figures logged every ``eval_every`` epochs."""
     pred = predict(run.ensemble, run.likelihood, run.dataset.x_test)
     y = run.dataset.y_test
@@ -215,7 +215,7 @@ def train(
         record.update({f"diag_{k}": v / max(sums["steps"], 1) for k, v in diag.items()})
         last = epoch == run.total_epochs
         if (t.eval_every > 0 and epoch % t.eval_every == 0) or last:
-            record.update(test_figures(run))
+            record.update(held_out_figures(run))
         history.append(record)
         if spe >= 10 or last or epoch % max(1, run.total_epochs // 20) == 0:
             bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
