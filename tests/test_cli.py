@@ -92,7 +92,7 @@ def test_train_writes_the_run_directory(tmp_path, capsys):
     assert shapes and all(s[0] == 3 for s in shapes.values())
     # report with its plots
     report = (run / "report.md").read_text()
-    for png in ("training_curves", "reliability", "entropy_ood"):
+    for png in ("training_curves", "reliability", "entropy_ood", "ensemble_size"):
         assert f"plots/{png}.png" in report
         assert (run / "plots" / f"{png}.png").stat().st_size > 5000
     # evaluate with another OOD set, then report again
@@ -118,3 +118,18 @@ def test_regression_run(tmp_path):
         x = npz["inputs"][:, 0]
         assert x.min() == pytest.approx(0.0, abs=1e-5) and x.max() == pytest.approx(7.0, abs=1e-5)
     assert (run / "plots" / "regression.png").exists()
+
+
+def test_ensemble_size_curve_ends_at_the_full_ensemble_and_starts_at_member_one():
+    from diverse.evaluate import ensemble_size_curve
+
+    torch.manual_seed(0)
+    probs = torch.randn(4, 50, 3).softmax(-1)
+    out = torch.randn(4, 20, 3).mul(0.1).softmax(-1)
+    labels = torch.randint(0, 3, (50,))
+    curve = ensemble_size_curve(probs, labels, {"noise": out})
+    assert curve["members"] == [1, 2, 3, 4]
+    assert curve["accuracy"][-1] == pytest.approx(float(metrics.accuracy(probs, labels)))
+    assert curve["nll"][0] == pytest.approx(float(metrics.nll(probs[:1], labels)))
+    assert curve["ece"][1] == pytest.approx(float(metrics.ece(probs[:2], labels)))
+    assert curve["auroc_noise"][-1] == pytest.approx(metrics.ood_metrics(probs, out)["auroc"])

@@ -2,7 +2,8 @@
 
 Classification: accuracy, NLL of the ensemble mean, ECE (15 bins), adaptive
 ECE, Brier, entropies, mutual information, disagreement, per-member accuracy
-and NLL, and for each OOD set the detection figures with the predictive
+and NLL, the ensemble-size curve (``ensemble_size``: the metrics of the first
+k members, k = 1..M), and for each OOD set the detection figures with the predictive
 entropy as score (``ood``) and with the mutual information
 (``ood_mutual_information``). Regression: RMSE, the mixture's Gaussian NLL,
 calibration error and mean predictive std.
@@ -33,6 +34,29 @@ def member_figures(probs: Tensor, labels: Tensor) -> dict[str, list[float]]:
         "member_accuracy": [float(metrics.accuracy(p[None], labels)) for p in probs],
         "member_nll": [float(metrics.nll(p[None], labels)) for p in probs],
     }
+
+
+def ensemble_size_curve(probs: Tensor, labels: Tensor,
+                        ood: dict[str, Tensor] | None = None) -> dict[str, list[float]]:
+    """Metrics of the first k members, k = 1..M (seed 003: no gain beyond ~5 members).
+
+    ``probs`` ``(M, N, C)``; ``ood`` maps set names to ``(M, K, C)``. Returns
+    ``{"members": [1..M], "accuracy": [...], "nll": [...], "ece": [...],
+    "brier": [...], "auroc_<set>": [...]}`` (AUROC with the predictive entropy).
+    """
+    curve: dict[str, list[float]] = {"members": [], "accuracy": [], "nll": [], "ece": [],
+                                     "brier": []}
+    for k in range(1, probs.shape[0] + 1):
+        sub = probs[:k]
+        curve["members"].append(k)
+        curve["accuracy"].append(float(metrics.accuracy(sub, labels)))
+        curve["nll"].append(float(metrics.nll(sub, labels)))
+        curve["ece"].append(float(metrics.ece(sub, labels)))
+        curve["brier"].append(float(metrics.brier(sub, labels)))
+        for name, p_out in (ood or {}).items():
+            auroc = metrics.ood_metrics(sub, p_out[:k], score="entropy")["auroc"]
+            curve.setdefault(f"auroc_{name}", []).append(auroc)
+    return curve
 
 
 def _raw_inputs(x: Tensor, data: Dataset) -> Tensor:
@@ -84,6 +108,9 @@ def evaluate(run: Run, ood_names: list[str] | None = None) -> tuple[dict[str, An
             out["ood_mutual_information"][name] = metrics.ood_metrics(
                 probs, probs_out, score="mutual_information")
             arrays[f"ood_probs_{name}"] = probs_out.float().numpy()
+        out["ensemble_size"] = ensemble_size_curve(
+            probs, labels, {k[len("ood_probs_"):]: torch.from_numpy(v)
+                            for k, v in arrays.items() if k.startswith("ood_probs_")})
     else:
         means, stds, y = pred["means"], pred["stds"], data.y_test
         out.update(metrics.regression_metrics(means[..., 0], stds[..., 0], y[:, 0]))

@@ -123,6 +123,19 @@ def plot_entropy_hist(probs: np.ndarray, ood: dict[str, np.ndarray], path: Path)
     _save(fig, path)
 
 
+def plot_ensemble_size(curve: dict[str, list[float]], path: Path) -> None:
+    """Metrics of the first k members against k."""
+    k = curve["members"]
+    keys = ["accuracy", "nll", "ece"] + [key for key in curve if key.startswith("auroc_")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.0), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        ax.plot(k, curve[key], "o-")
+        ax.set_title(key.replace("auroc_", "OOD AUROC: "), fontsize=9)
+        ax.set_xlabel("members k")
+    fig.suptitle("Ensemble-size curve (first k members)", fontsize=10)
+    _save(fig, path)
+
+
 def plot_regression_1d(arrays: dict[str, np.ndarray], path: Path) -> None:
     x = arrays["inputs"][:, 0]
     means, stds = arrays["means"][..., 0], arrays["stds"][..., 0]
@@ -200,6 +213,9 @@ def write_report(run_dir: Path) -> Path:
     if "probs" in arrays:
         plot_reliability(arrays["probs"], arrays["labels"], plots / "reliability.png")
         images.append(("Reliability diagram", "plots/reliability.png"))
+        if len(figures.get("ensemble_size", {}).get("members", [])) > 1:
+            plot_ensemble_size(figures["ensemble_size"], plots / "ensemble_size.png")
+            images.append(("Ensemble size", "plots/ensemble_size.png"))
         ood = {k[len("ood_probs_"):]: v for k, v in arrays.items() if k.startswith("ood_probs_")}
         if ood:
             plot_entropy_hist(arrays["probs"], ood, plots / "entropy_ood.png")
