@@ -100,6 +100,17 @@ def test_train_writes_the_run_directory(tmp_path, capsys):
     figures = json.loads((run / "metrics.json").read_text())
     assert set(figures["ood"]) == {"gaussian"}
     assert main(["report", str(run)]) == 0
+    # shift protocols: 16 corruptions x 5 severities and rotations on 60 test images
+    assert main(["evaluate", str(run), "--shift", "--shift-examples", "60", "--quiet"]) == 0
+    figures = json.loads((run / "metrics.json").read_text())
+    corr, rot = figures["corruptions"], figures["rotations"]
+    assert len(corr) == 17 and set(corr["mean"]) == {"1", "2", "3", "4", "5"}
+    clean = float(metrics.accuracy(p[:, :60], y[:60]))
+    assert rot["angles"][0] == 0.0 and rot["accuracy"][0] == pytest.approx(clean, abs=1e-9)
+    mean_acc = [corr["mean"][s]["accuracy"] for s in "12345"]
+    assert mean_acc[4] < mean_acc[0] <= clean + 0.05
+    assert (run / "plots" / "shift.png").exists()
+    assert "corruption_examples.png" in (run / "report.md").read_text()
     # a second train into the same folder is refused
     assert main(["train", str(cfg), *SMALL, "--out", str(run)]) == 2
     assert "exists and is not empty" in capsys.readouterr().err

@@ -56,17 +56,29 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir")
     ev.add_argument("--ood", action="append", default=None, metavar="NAME",
                     help="OOD set to score (repeatable; default: the config's [data] ood)")
+    ev.add_argument("--shift", action="store_true",
+                    help="also run the corruption (16 types x 5 severities) and rotation "
+                         "(0-180 deg) protocols on image data")
+    ev.add_argument("--shift-examples", type=int, default=2000, metavar="N",
+                    help="test images used by --shift (default 2000)")
     ev.add_argument("--quiet", action="store_true")
     rp = sub.add_parser("report", help="write report.md and plots/ for a run")
     rp.add_argument("run_dir")
     return parser
 
 
-def _finish(run, run_dir: Path, quiet: bool, ood: list[str] | None = None) -> None:
+def _finish(run, run_dir: Path, quiet: bool, ood: list[str] | None = None,
+            shift: int = 0) -> None:
     from diverse.evaluate import evaluate, write_evaluation
     from diverse.report import write_report
 
     figures, arrays = evaluate(run, ood)
+    if shift > 0:
+        from diverse.shift import shift_evaluation
+
+        shift_figures, shift_arrays = shift_evaluation(run, n=shift, show_progress=not quiet)
+        figures.update(shift_figures)
+        arrays.update(shift_arrays)
     write_evaluation(run_dir, figures, arrays)
     report = write_report(run_dir)
     if not quiet:
@@ -128,7 +140,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.ood is not None:
         cfg = replace(cfg, "data", ood=tuple(args.ood))
     run = load_trained(run_dir, cfg)
-    _finish(run, run_dir, args.quiet, args.ood)
+    if args.shift_examples < 1:
+        raise UserError(f"--shift-examples {args.shift_examples}: must be >= 1")
+    _finish(run, run_dir, args.quiet, args.ood, args.shift_examples if args.shift else 0)
 
 
 def cmd_report(args: argparse.Namespace) -> None:

@@ -128,7 +128,8 @@ def _randn(shape: Sequence[int], g: torch.Generator, like: Tensor) -> Tensor:
 
 
 def _filter(x: Tensor, kernel: Tensor) -> Tensor:
-    """Correlate every channel with ``kernel`` (reflect padding, same size).
+    """Correlate every channel with ``kernel`` (reflect padding, same size; replicate
+    padding when the kernel is wider than the image).
 
     x: (N, C, H, W); kernel: (k, k) shared, or (N, k, k) one per image (k odd).
     """
@@ -136,7 +137,8 @@ def _filter(x: Tensor, kernel: Tensor) -> Tensor:
     k = kernel.shape[-1]
     p = k // 2
     kernel = kernel.to(x.dtype)
-    xp = F.pad(x, (p, p, p, p), mode="reflect")
+    # reflect needs p < size; images smaller than the kernel (8×8 digits) replicate edges
+    xp = F.pad(x, (p, p, p, p), mode="reflect" if p < min(h, w) else "replicate")
     if kernel.dim() == 2:
         weight = kernel.expand(c, 1, k, k)
         return F.conv2d(xp, weight, groups=c)

@@ -136,6 +136,49 @@ def plot_ensemble_size(curve: dict[str, list[float]], path: Path) -> None:
     _save(fig, path)
 
 
+def plot_shift(figures: dict[str, Any], path: Path) -> None:
+    """Corruption-severity curves (each type faint, mean bold) and rotation curves."""
+    corr, rot = figures["corruptions"], figures["rotations"]
+    severities = sorted(corr["mean"], key=int)
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
+    for ax, key in zip(axes[:2], ("accuracy", "ece"), strict=True):
+        for name, table in corr.items():
+            if name != "mean":
+                ax.plot([int(s) for s in severities], [table[s][key] for s in severities],
+                        color="gray", alpha=0.3, lw=0.8)
+        ax.plot([int(s) for s in severities], [corr["mean"][s][key] for s in severities],
+                "o-", color="k", lw=2, label="mean over types")
+        ax.set_xlabel("corruption severity")
+        ax.set_title(f"Corruptions: {key}", fontsize=9)
+        ax.legend(fontsize=7)
+    for ax, key in zip(axes[2:], ("accuracy", "ece"), strict=True):
+        ax.plot(rot["angles"], rot[key], "o-")
+        ax.set_xlabel("rotation (degrees)")
+        ax.set_title(f"Rotations: {key}", fontsize=9)
+    _save(fig, path)
+
+
+def plot_shift_examples(examples: np.ndarray, names: np.ndarray, path: Path) -> None:
+    """The first test image under every corruption type (rows) and severity (columns)."""
+    rows, cols = examples.shape[:2]
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.1))
+    for i in range(rows):
+        for j in range(cols):
+            img = examples[i, j]
+            ax = axes[i, j]
+            if img.shape[0] == 1:
+                ax.imshow(img[0], cmap="gray", vmin=0, vmax=1)
+            else:
+                ax.imshow(np.transpose(img, (1, 2, 0)).clip(0, 1))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(str(names[i]), fontsize=6, rotation=0, ha="right", va="center")
+            if i == 0:
+                ax.set_title(f"severity {j + 1}", fontsize=7)
+    _save(fig, path)
+
+
 def plot_regression_1d(arrays: dict[str, np.ndarray], path: Path) -> None:
     x = arrays["inputs"][:, 0]
     means, stds = arrays["means"][..., 0], arrays["stds"][..., 0]
@@ -229,7 +272,21 @@ def write_report(run_dir: Path) -> Path:
                     lines.append(f"| {name} | {score} | {row['auroc']:.4f} | {row['aupr_in']:.4f}"
                                  f" | {row['aupr_out']:.4f} | {row['fpr95']:.4f} |")
             lines.append("")
-    elif arrays.get("inputs") is not None and arrays["inputs"].shape[1:] == (1,):
+    if "corruptions" in figures:
+        plot_shift(figures, plots / "shift.png")
+        images.append(("Corruptions and rotations", "plots/shift.png"))
+        if "shift_examples" in arrays:
+            plot_shift_examples(arrays["shift_examples"], arrays["shift_names"],
+                                plots / "corruption_examples.png")
+            images.append(("Corruption examples", "plots/corruption_examples.png"))
+        mean = figures["corruptions"]["mean"]
+        lines += ["## Corruptions (mean over types)", "",
+                  "| severity | accuracy | NLL | ECE |", "|---|---|---|---|"]
+        lines += [f"| {s} | {mean[s]['accuracy']:.4f} | {mean[s]['nll']:.4f} | "
+                  f"{mean[s]['ece']:.4f} |" for s in sorted(mean, key=int)]
+        lines.append("")
+    inputs = arrays.get("inputs")
+    if "probs" not in arrays and inputs is not None and inputs.shape[1:] == (1,):
         plot_regression_1d(arrays, plots / "regression.png")
         images.append(("Predictive mean ± std", "plots/regression.png"))
     for title, rel in images:
