@@ -234,3 +234,15 @@ def test_unknown_kernel_name() -> None:
     with pytest.raises(ValueError, match="unknown kernel"):
         kn.kernel_grad_sums("cosine", _points(3, 2), 1.0)
     assert set(kn.KERNELS) == {"rbf", "laplace", "imq"}
+
+
+def test_median_heuristics_never_return_zero_for_two_or_coinciding_particles():
+    from diverse.kernels import median_heuristic, median_heuristic_rde, median_heuristic_stein
+
+    two = torch.tensor([[0.0, 0.0], [3.0, 4.0]], dtype=torch.float64)  # d² = 25
+    sq = kn.sq_dists(two)
+    assert median_heuristic(sq).item() == pytest.approx(25 / math.log(3))  # lower median is 0
+    assert median_heuristic_rde(sq).item() == pytest.approx(12.5 / math.log(3))
+    same = torch.zeros(3, 2, dtype=torch.float64)
+    for heuristic in (median_heuristic, median_heuristic_rde, median_heuristic_stein):
+        assert heuristic(kn.sq_dists(same)).item() > 0

@@ -145,3 +145,18 @@ def test_kill_9_mid_epoch_then_cli_resume_matches_uninterrupted_run(tmp_path):
     b = load_checkpoint(tmp_path / "cut")[0]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert Path(tmp_path / "cut/metrics.json").exists()
+
+
+def test_non_finite_update_with_finite_loss_also_stops(tmp_path):
+    run = make_run()
+    update = run.update
+
+    def poisoned(step):
+        result = update(step)
+        first = next(iter(result.grads))
+        result.grads[first] = result.grads[first].clone().fill_(float("inf"))
+        return result
+
+    run.update = poisoned
+    with pytest.raises(DivergenceError, match=r"non-finite update \(gradient\) at epoch 1 step 1"):
+        train(run, tmp_path, show_progress=False)

@@ -33,6 +33,7 @@ def _catalog() -> str:
         "  diverse train --resume runs/fmnist-de\n"
         "  diverse evaluate runs/fmnist-de --ood digits --ood gaussian\n"
         "  diverse report runs/fmnist-de\n"
+        "  diverse compare examples/fmnist_mlp_*.toml --seeds 3 --out runs/compare\n"
     )
 
 
@@ -64,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true")
     rp = sub.add_parser("report", help="write report.md and plots/ for a run")
     rp.add_argument("run_dir")
+    cp = sub.add_parser("compare", help="run configs x seeds (resumable) and tabulate them")
+    cp.add_argument("configs", nargs="+", metavar="CONFIG")
+    cp.add_argument("--seeds", type=int, default=3, help="seeds per config (default 3)")
+    cp.add_argument("--out", default="runs/compare", help="folder (default runs/compare)")
+    cp.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override applied to every config, repeatable")
+    cp.add_argument("--quiet", action="store_true")
     return parser
 
 
@@ -145,6 +153,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     _finish(run, run_dir, args.quiet, args.ood, args.shift_examples if args.shift else 0)
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from diverse.compare import compare
+
+    table = compare(args.configs, args.seeds, Path(args.out), args.set,
+                    lambda run, run_dir: _finish(run, run_dir, True), not args.quiet)
+    print(table.read_text() if not args.quiet else table)
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from diverse.report import write_report
 
@@ -153,7 +169,8 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "report": cmd_report}
+    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "report": cmd_report,
+                "compare": cmd_compare}
     try:
         commands[args.command](args)
     except UserError as err:

@@ -119,6 +119,17 @@ def median(t: Tensor, dim: int | tuple[int, ...] | None = None, keepdim: bool = 
     return med
 
 
+def _positive(med: Tensor, sq: Tensor) -> Tensor:
+    """A zero median (two particles: half the entries are self-distances; or all
+    particles equal) would make ``h = 0`` and the kernel NaN: fall back to the mean
+    of the positive squared distances, or 1 when all particles coincide."""
+    positive = sq > 0
+    count = positive.sum(dim=(-2, -1), keepdim=True)
+    mean_pos = (sq * positive).sum(dim=(-2, -1), keepdim=True) / count.clamp_min(1)
+    fallback = torch.where(count > 0, mean_pos, torch.ones_like(mean_pos))
+    return torch.where(med > 0, med, fallback)
+
+
 def median_heuristic(sq: Tensor) -> Tensor:
     """Plain median heuristic ``h = med(d²) / log(M + 1)`` for ``k = exp(−d²/h)``.
 
@@ -130,13 +141,15 @@ def median_heuristic(sq: Tensor) -> Tensor:
 
     ``med`` is ``torch.median`` of all ``M·N`` entries (zero self-distances
     included), i.e. the LOWER middle value for an even count: the straightforward
-    implementation. :func:`median_heuristic_rde` is the reference code's exact form
-    (true median); the two differ only when the number of entries is even.
+    implementation. A zero median (M = 2, or coinciding particles) falls back to the
+    mean positive squared distance (1 if there is none), never ``h = 0``.
+    :func:`median_heuristic_rde` is the reference code's exact form (true median);
+    the two differ only when the number of entries is even.
     """
     sq = sq.detach()
     m = sq.shape[-2]
-    med = sq.flatten(-2).median(dim=-1).values
-    return (med / math.log(m + 1)).unsqueeze(-1).unsqueeze(-1)
+    med = sq.flatten(-2).median(dim=-1).values.unsqueeze(-1).unsqueeze(-1)
+    return _positive(med, sq) / math.log(m + 1)
 
 
 def median_heuristic_rde(sq: Tensor) -> Tensor:
@@ -157,7 +170,7 @@ def median_heuristic_rde(sq: Tensor) -> Tensor:
     sq = sq.detach()
     m = sq.shape[-2]
     med = median(sq, dim=(-2, -1), keepdim=True)
-    return med / math.log(m + 1)
+    return _positive(med, sq) / math.log(m + 1)
 
 
 def median_heuristic_forde(sq: Tensor, eps: float = 1e-12) -> Tensor:
@@ -202,7 +215,8 @@ def median_heuristic_stein(sq: Tensor) -> Tensor:
     ``tests/test_scores.py``); with the narrow SVGD-style bandwidth the Stein
     estimators are much noisier than the KDE.
     """
-    return 2.0 * median(sq.detach(), dim=(-2, -1), keepdim=True)
+    sq = sq.detach()
+    return 2.0 * _positive(median(sq, dim=(-2, -1), keepdim=True), sq)
 
 
 def resolve_bandwidth(h: Bandwidth, sq: Tensor) -> Tensor:

@@ -183,9 +183,11 @@ def train(
             set_lr(run.optimizer, lr)
             result = run.update(Step(ens, x_train[idx], y_train[idx], run.likelihood, n,
                                      t.prior_std, step / total))
-            if not bool(torch.isfinite(result.loss).all()):
+            finite_grads = all(bool(torch.isfinite(g).all()) for g in result.grads.values())
+            if not bool(torch.isfinite(result.loss).all()) or not finite_grads:
+                what = "loss" if finite_grads else "update (gradient)"
                 raise DivergenceError(
-                    f"non-finite loss at epoch {epoch} step {i + 1} (global step {step + 1}); "
+                    f"non-finite {what} at epoch {epoch} step {i + 1} (global step {step + 1}); "
                     f"the last good checkpoint is epoch {epoch - 1} in {run_dir}/checkpoints"
                 )
             for name, p in ens.params.items():

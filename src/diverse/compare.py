@@ -1,0 +1,130 @@
+"""``diverse compare``: several configs × seeds, one table.
+
+Each (config, seed) is a run directory ``OUT/<config stem>/seed-<k>`` trained
+with ``[train] seed = k``. A finished run (it has ``metrics.json``) is reused,
+an interrupted one (it has a checkpoint) resumes, others start — so the whole
+comparison resumes after a crash. The results go to ``OUT/results.csv`` (one
+row per run) and ``OUT/results.md`` (mean ± std over seeds per config, the best
+mean per column in bold: higher is better for accuracy and AUROC/AUPR, lower
+for the rest).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from diverse.checkpoint import atomic_write_text
+from diverse.config import Config, config_to_toml, load_config, replace
+from diverse.errors import UserError
+
+HIGHER_IS_BETTER = ("accuracy", "auroc", "aupr")
+COLUMNS = ("accuracy", "nll", "ece", "ace", "brier", "mutual_information", "disagreement",
+           "rmse", "calibration_error")
+
+
+def run_to_completion(cfg: Config, run_dir: Path, finish: Callable[[Any, Path], None],
+                      show_progress: bool) -> str:
+    """Reuse, resume or start the run in ``run_dir``; returns what it did."""
+    from diverse.train import build_run, train
+
+    if (run_dir / "metrics.json").is_file():
+        return "reused"
+    run = build_run(cfg)
+    resume = (run_dir / "checkpoints" / "latest.json").is_file()
+    if not resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(config_to_toml(cfg))
+    train(run, run_dir, resume=resume, show_progress=show_progress)
+    finish(run, run_dir)
+    return "resumed" if resume else "trained"
+
+
+def flat_row(figures: dict[str, Any]) -> dict[str, float]:
+    """The scalar metrics of one run, with OOD figures as ``auroc[set]`` etc."""
+    row = {k: figures[k] for k in COLUMNS if isinstance(figures.get(k), float)}
+    for name, table in figures.get("ood", {}).items():
+        for key in ("auroc", "aupr_out", "fpr95"):
+            row[f"{key}[{name}]"] = table[key]
+    return row
+
+
+def _better(column: str) -> Callable[[float, float], bool]:
+    if column.split("[")[0].startswith(HIGHER_IS_BETTER):
+        return lambda a, b: a > b
+    return lambda a, b: a < b
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: mean ± std over seeds per config, best mean per column in bold."""
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    columns = [c for c in dict.fromkeys(k for r in rows for k in r)
+               if c not in ("config", "seed", "run_dir")]
+    stats: dict[str, dict[str, tuple[float, float]]] = {}
+    for name in configs:
+        stats[name] = {}
+        for column in columns:
+            values = [r[column] for r in rows if r["config"] == name and column in r]
+            if values:
+                mean = sum(values) / len(values)
+                var = sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)
+                stats[name][column] = (mean, math.sqrt(var))
+    best = {}
+    for column in columns:
+        better = _better(column)
+        for name in configs:
+            if column in stats[name] and (column not in best or better(
+                    stats[name][column][0], stats[best[column]][column][0])):
+                best[column] = name
+    seeds = {name: sum(r["config"] == name for r in rows) for name in configs}
+    lines = ["| config | seeds | " + " | ".join(columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    for name in configs:
+        cells = []
+        for column in columns:
+            if column not in stats[name]:
+                cells.append("–")
+                continue
+            mean, std = stats[name][column]
+            text = f"{mean:.4f} ± {std:.4f}"
+            cells.append(f"**{text}**" if best.get(column) == name else text)
+        lines.append(f"| {name} | {seeds[name]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def compare(configs: Sequence[str], seeds: int, out: Path, overrides: Sequence[str],
+            finish: Callable[[Any, Path], None], show_progress: bool = True) -> Path:
+    """Run (or reuse) every config × seed and write ``results.csv`` and ``results.md``."""
+    if seeds < 1:
+        raise UserError(f"--seeds {seeds}: must be >= 1")
+    stems = [Path(c).stem for c in configs]
+    if len(set(stems)) != len(stems):
+        raise UserError(f"config names must differ (they name the run folders): {stems}")
+    loaded = [(Path(c).stem, load_config(c, overrides)) for c in configs]  # all validated first
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    total = len(loaded) * seeds
+    for i, (stem, cfg) in enumerate(loaded):
+        for seed in range(seeds):
+            run_dir = out / stem / f"seed-{seed}"
+            what = run_to_completion(replace(cfg, "train", seed=seed), run_dir, finish,
+                                     show_progress)
+            if show_progress:
+                print(f"[{i * seeds + seed + 1}/{total}] {stem} seed {seed}: {what}", flush=True)
+            figures = json.loads((run_dir / "metrics.json").read_text())
+            rows.append({"config": stem, "seed": seed, "run_dir": str(run_dir),
+                         **flat_row(figures)})
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "results.csv", buffer.getvalue())
+    table = summary_table(rows)
+    atomic_write_text(out / "results.md", f"# Comparison ({seeds} seeds)\n\n{table}")
+    return out / "results.md"
