@@ -1,6 +1,8 @@
 """The command line and the run directory it writes."""
 
+import base64
 import json
+import re
 import tomllib
 
 import numpy as np
@@ -95,6 +97,12 @@ def test_train_writes_the_run_directory(tmp_path, capsys):
     for png in ("training_curves", "reliability", "entropy_ood", "ensemble_size"):
         assert f"plots/{png}.png" in report
         assert (run / "plots" / f"{png}.png").stat().st_size > 5000
+    # the offline HTML report: every image inlined as a PNG, nothing fetched from a network
+    page = (run / "report.html").read_text()
+    images = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([^"]+)">', page)
+    assert len(images) == report.count("![")
+    assert all(base64.b64decode(b)[:8] == b"\x89PNG\r\n\x1a\n" for b in images)
+    assert "http://" not in page and "https://" not in page and "<table>" in page
     # evaluate with another OOD set, then report again
     assert main(["evaluate", str(run), "--ood", "gaussian", "--quiet"]) == 0
     figures = json.loads((run / "metrics.json").read_text())
@@ -144,3 +152,17 @@ def test_ensemble_size_curve_ends_at_the_full_ensemble_and_starts_at_member_one(
     assert curve["nll"][0] == pytest.approx(float(metrics.nll(probs[:1], labels)))
     assert curve["ece"][1] == pytest.approx(float(metrics.ece(probs[:2], labels)))
     assert curve["auroc_noise"][-1] == pytest.approx(metrics.ood_metrics(probs, out)["auroc"])
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    from diverse.checkpoint import atomic_write_text
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644

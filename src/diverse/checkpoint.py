@@ -34,6 +34,22 @@ from torch import Tensor
 from diverse.errors import UserError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def publish(tmp: str | Path, path: Path) -> None:
+    """Give a finished temp file the usual permissions and rename it over ``path``.
+
+    ``mkstemp`` creates files readable by the owner only; results are meant to be
+    shared like any file the user writes (0666 minus the umask).
+    """
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file + fsync + rename."""
     path = Path(path)
@@ -43,7 +59,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -68,7 +84,7 @@ def atomic_save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[s
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         digest = sha256(Path(tmp))
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -82,7 +98,7 @@ def atomic_save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     os.close(fd)
     try:
         np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -1,4 +1,5 @@
-"""The run report: ``report.md`` with ``plots/*.png``, rebuilt from run files.
+"""The run report: ``report.md`` with ``plots/*.png`` and an offline
+``report.html`` (images embedded), rebuilt from run files.
 
 Reads only what a run directory holds (``config.toml``, ``metrics.json``,
 ``predictions.npz``, the checkpoint manifest's history), so ``diverse report``
@@ -23,8 +24,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from diverse import metrics  # noqa: E402
-from diverse.checkpoint import atomic_write_text  # noqa: E402
+from diverse.checkpoint import atomic_write_text, publish  # noqa: E402
 from diverse.errors import UserError  # noqa: E402
+from diverse.html import markdown_to_html  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
@@ -32,7 +34,7 @@ def _save(fig: plt.Figure, path: Path) -> None:
     os.close(fd)
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)
+    publish(tmp, path)
 
 
 def plot_training_curves(history: list[dict[str, Any]], path: Path) -> None:
@@ -301,5 +303,8 @@ def write_report(run_dir: Path) -> Path:
     if config.is_file():
         lines += ["## Configuration", "", "```toml", config.read_text().rstrip(), "```", ""]
     path = run_dir / "report.md"
-    atomic_write_text(path, "\n".join(lines))
+    markdown = "\n".join(lines)
+    atomic_write_text(path, markdown)
+    atomic_write_text(run_dir / "report.html",
+                      markdown_to_html(markdown, run_dir, f"diverse run {run_dir.name}"))
     return path
