@@ -378,3 +378,11 @@ def test_dataset_ood_from_diverse_data(tmp_path, monkeypatch):
     assert torch.equal(c.ood["mnist"][:, 0], c.ood["mnist"][:, 2])  # gray repeated to RGB
     with pytest.raises(UserError, match="svhn: no test_32x32.mat"):
         load_dataset(DataConfig(name="cifar10", path=str(folder), ood=("svhn",)))
+
+
+def test_denormalize_inverts_normalize():
+    from diverse.data import denormalize, normalize
+
+    x = torch.rand(5, 3, 4, 4)
+    mean, std = (0.1, 0.5, 0.9), (0.2, 0.3, 0.4)
+    torch.testing.assert_close(denormalize(normalize(x, mean, std), mean, std), x)

@@ -484,6 +484,14 @@ def normalize(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Ten
     return (x.float() - m) / s
 
 
+def denormalize(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    """Inverse of :func:`normalize`: x·std_c + mean_c over channel dim 1; same shape."""
+    view = (1, len(mean)) + (1,) * (x.dim() - 2)
+    m = torch.tensor(mean, dtype=x.dtype).view(view)
+    s = torch.tensor(std, dtype=x.dtype).view(view)
+    return x * s + m
+
+
 def ood_names(cfg: DataConfig) -> tuple[str, ...]:
     """``cfg.ood`` with ``""`` dropped, ``default`` expanded (:data:`DEFAULT_OOD`), deduplicated."""
     names: list[str] = []

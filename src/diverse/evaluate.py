@@ -25,7 +25,7 @@ from torch import Tensor
 
 from diverse import metrics
 from diverse.checkpoint import atomic_save_npz, atomic_write_json
-from diverse.data import Dataset
+from diverse.data import Dataset, denormalize
 from diverse.train import Run, predict
 
 
@@ -60,11 +60,8 @@ def ensemble_size_curve(probs: Tensor, labels: Tensor,
 
 
 def _raw_inputs(x: Tensor, data: Dataset) -> Tensor:
-    """Undo the per-channel input normalization (for plots on the data's own axes)."""
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    mean = torch.tensor(data.mean, dtype=x.dtype).view(shape)
-    std = torch.tensor(data.std, dtype=x.dtype).view(shape)
-    return x * std + mean
+    """The inputs in the data's own units (for plots and distances)."""
+    return denormalize(x, data.mean, data.std)
 
 
 def data_gap_spread(data: Dataset, means: Tensor, far: float = 0.5) -> dict[str, float]:

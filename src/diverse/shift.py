@@ -16,22 +16,14 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from diverse import metrics
 from diverse.corruptions import CORRUPTIONS, SEVERITIES, corrupt, rotated_sets
-from diverse.data import Dataset, normalize
+from diverse.data import denormalize, normalize
 from diverse.errors import UserError
 from diverse.progress import Progress
 from diverse.train import Run, predict
-
-
-def _to_unit(x: Tensor, data: Dataset) -> Tensor:
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    mean = torch.tensor(data.mean, dtype=x.dtype).view(shape)
-    std = torch.tensor(data.std, dtype=x.dtype).view(shape)
-    return (x * std + mean).clamp(0.0, 1.0)
 
 
 def _figures(run: Run, x_unit: Tensor, labels: Tensor) -> dict[str, float]:
@@ -58,7 +50,7 @@ def shift_evaluation(run: Run, n: int = 2000, seed: int = 0,
     if data.task != "classification" or data.x_test.dim() != 4:
         raise UserError(f"shift evaluation needs image classification data; "
                         f"{data.name!r} has inputs of shape {tuple(data.x_test.shape[1:])}")
-    x_unit = _to_unit(data.x_test[:n], data)
+    x_unit = denormalize(data.x_test[:n], data.mean, data.std).clamp(0.0, 1.0)
     labels = data.y_test[:n]
     names = sorted(CORRUPTIONS)
     angles = list(range(0, 181, 15))
