@@ -1,13 +1,28 @@
-"""The one name → (config dataclass, builder) table of training methods.
+"""The one name → method table of training methods.
 
-Read at the configuration edge (``[method] name``); every method is a
-builder ``(config, dataset) -> update``, see :mod:`diverse.methods`.
+Read at the configuration edge (``[method] name``). Every method is a
+:class:`MethodSpec`: its config dataclass, a builder ``(config, dataset) ->
+update`` (see :mod:`diverse.methods`), and two optional hooks for methods
+whose members are not plain copies of the configured model:
+
+* ``wrap_model(config, module) -> module`` transforms each freshly built
+  member before the members are stacked (mean-field Bayesian layers for
+  mutual learning of BNNs, a feature-fusion head, ...);
+* ``generator = True`` says the stacked "ensemble" holds one generator of
+  members (a hypernetwork): it is built with a single slot whose forward
+  returns ``(K, B, ...)`` for K generated members, and prediction flattens
+  that axis into the member axis.
+
+A method config may also carry ``predict_samples`` (Monte Carlo draws per
+member at prediction, default 1), read by :func:`diverse.train.predict`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
+
+from torch import nn
 
 from diverse.forde import FoRDEConfig, build_forde
 from diverse.methods import DeepEnsembleConfig, Step, StepResult, deep_ensemble
@@ -21,12 +36,26 @@ from diverse.particles import (
 )
 
 MethodBuilder = Callable[[Any, Any], Callable[[Step], StepResult]]
+ModelWrapper = Callable[[Any, nn.Module], nn.Module]
 
-METHODS: dict[str, tuple[type, MethodBuilder]] = {
-    "de": (DeepEnsembleConfig, deep_ensemble),
-    "svgd": (SVGDConfig, build_svgd),
-    "wgd": (WGDConfig, build_wgd),
-    "f-svgd": (SVGDConfig, build_f_svgd),
-    "f-wgd": (WGDConfig, build_f_wgd),
-    "forde": (FoRDEConfig, build_forde),
+
+class MethodSpec(NamedTuple):
+    config: type
+    build: MethodBuilder
+    wrap_model: ModelWrapper | None = None
+    generator: bool = False
+
+
+METHODS: dict[str, MethodSpec] = {
+    "de": MethodSpec(DeepEnsembleConfig, deep_ensemble),
+    "svgd": MethodSpec(SVGDConfig, build_svgd),
+    "wgd": MethodSpec(WGDConfig, build_wgd),
+    "f-svgd": MethodSpec(SVGDConfig, build_f_svgd),
+    "f-wgd": MethodSpec(WGDConfig, build_f_wgd),
+    "forde": MethodSpec(FoRDEConfig, build_forde),
 }
+
+
+def predict_samples(method_cfg: Any) -> int:
+    """Monte Carlo draws per member at prediction (``predict_samples``, default 1)."""
+    return int(getattr(method_cfg, "predict_samples", 1))

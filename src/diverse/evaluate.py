@@ -26,7 +26,7 @@ from torch import Tensor
 from diverse import metrics
 from diverse.checkpoint import atomic_save_npz, atomic_write_json
 from diverse.data import Dataset, denormalize
-from diverse.train import Run, predict
+from diverse.train import Run, predict_run
 
 
 def member_figures(probs: Tensor, labels: Tensor) -> dict[str, list[float]]:
@@ -87,8 +87,10 @@ def evaluate(run: Run, ood_names: list[str] | None = None) -> tuple[dict[str, An
     ``ood_names`` restricts the OOD sets to those named (default: all loaded).
     """
     data = run.dataset
-    pred = predict(run.ensemble, run.likelihood, data.x_test)
+    pred = predict_run(run, data.x_test)
+    samples = next(iter(pred.values())).shape[0]
     out: dict[str, Any] = {"method": run.cfg.method.name, "members": run.cfg.ensemble.members,
+                           "predictive_samples": samples,
                            "dataset": data.name, "n_test": len(data.x_test)}
     arrays: dict[str, np.ndarray] = {}
     if data.task == "classification":
@@ -100,7 +102,7 @@ def evaluate(run: Run, ood_names: list[str] | None = None) -> tuple[dict[str, An
         out["ood"], out["ood_mutual_information"] = {}, {}
         names = list(data.ood) if ood_names is None else ood_names
         for name in names:
-            probs_out = predict(run.ensemble, run.likelihood, data.ood[name])["probs"]
+            probs_out = predict_run(run, data.ood[name])["probs"]
             out["ood"][name] = metrics.ood_metrics(probs, probs_out, score="entropy")
             out["ood_mutual_information"][name] = metrics.ood_metrics(
                 probs, probs_out, score="mutual_information")

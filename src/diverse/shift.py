@@ -23,13 +23,13 @@ from diverse.corruptions import CORRUPTIONS, SEVERITIES, corrupt, rotated_sets
 from diverse.data import denormalize, normalize
 from diverse.errors import UserError
 from diverse.progress import Progress
-from diverse.train import Run, predict
+from diverse.train import Run, predict_run
 
 
 def _figures(run: Run, x_unit: Tensor, labels: Tensor) -> dict[str, float]:
     data = run.dataset
     x = normalize(x_unit, data.mean, data.std)
-    probs = predict(run.ensemble, run.likelihood, x)["probs"]
+    probs = predict_run(run, x)["probs"]
     return {"accuracy": float(metrics.accuracy(probs, labels)),
             "nll": float(metrics.nll(probs, labels)),
             "ece": float(metrics.ece(probs, labels)),

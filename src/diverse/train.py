@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from diverse import metrics
-from diverse.catalog import METHODS
+from diverse.catalog import METHODS, predict_samples
 from diverse.checkpoint import load_checkpoint, save_checkpoint
 from diverse.config import Config, config_to_dict
 from diverse.data import Dataset, load_dataset
@@ -101,13 +101,17 @@ def build_run(cfg: Config, dataset: Dataset | None = None) -> Run:
     outputs = likelihood.outputs_per_target(dataset.num_outputs)
     build_model(cfg.model, dataset.input_shape, outputs)  # validate once, outside the seeding
 
-    def factory() -> torch.nn.Module:
-        return build_model(cfg.model, dataset.input_shape, outputs)
+    spec = METHODS[cfg.method.name]
 
-    ensemble = Ensemble(factory, cfg.ensemble.members, seed=cfg.train.seed,
+    def factory() -> torch.nn.Module:
+        module = build_model(cfg.model, dataset.input_shape, outputs)
+        return module if spec.wrap_model is None else spec.wrap_model(cfg, module)
+
+    # a generator method (hypernetwork) is one stacked slot producing K members
+    slots = 1 if spec.generator else cfg.ensemble.members
+    ensemble = Ensemble(factory, slots, seed=cfg.train.seed,
                         execution=cfg.ensemble.execution, device=device)
-    _method_cls, method_builder = METHODS[cfg.method.name]
-    update = method_builder(cfg.method, dataset)
+    update = spec.build(cfg.method, dataset)
     t = cfg.train
     optimizer = build_optimizer(
         list(ensemble.params.values()), t.optimizer, t.lr, momentum=t.momentum,
@@ -116,21 +120,55 @@ def build_run(cfg: Config, dataset: Dataset | None = None) -> Run:
     return Run(cfg, dataset, likelihood, ensemble, update, optimizer, device)
 
 
+PREDICT_SEED = 20_261_123  # Monte Carlo prediction draws are seeded: evaluation is repeatable
+
+
+def member_outputs(ensemble: Ensemble, x: Tensor, samples: int = 1) -> Tensor:
+    """Outputs of every predictive sample ``(S, B, ...)`` in the current mode.
+
+    A plain ensemble gives ``S = M``. A generator slot (hypernetwork) returns
+    ``(1, K, B, ...)``, flattened to ``S = K``. With ``samples > 1`` (Bayesian
+    layers, MC dropout) the forward is repeated and the draws are stacked
+    draw-major: ``[draw 0 of members 0..M-1, draw 1 of members 0..M-1, ...]``,
+    so the first M samples hold one draw of every member.
+    """
+    draws = []
+    for _ in range(samples):
+        out = ensemble(x)
+        if out.dim() == x.dim() + 2:  # (M, K, B, ...) from a generator
+            out = out.flatten(0, 1)
+        draws.append(out)
+    return torch.cat(draws) if samples > 1 else draws[0]
+
+
 @torch.no_grad()
 def predict(ensemble: Ensemble, likelihood: Likelihood, x: Tensor,
-            batch_size: int = 1000) -> dict[str, Tensor]:
-    """Predictions of every member in eval mode, on CPU: ``{key: (M, N, ...)}``."""
+            batch_size: int = 1000, samples: int = 1) -> dict[str, Tensor]:
+    """Predictions of every sample in eval mode, on CPU: ``{key: (S, N, ...)}``.
+
+    ``S = M × samples`` (see :func:`member_outputs`); random draws use a fixed
+    seed (restoring the global RNG afterwards), so repeated calls agree.
+    """
     parts: list[dict[str, Tensor]] = []
-    with evaluating(ensemble):
+    devices = [ensemble.device] if ensemble.device.type == "cuda" else []
+    with evaluating(ensemble), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(PREDICT_SEED)
         for start in range(0, len(x), batch_size):
             xb = x[start:start + batch_size].to(ensemble.device)
-            parts.append({k: v.cpu() for k, v in likelihood.predict(ensemble(xb)).items()})
+            out = member_outputs(ensemble, xb, samples)
+            parts.append({k: v.cpu() for k, v in likelihood.predict(out).items()})
     return {k: torch.cat([p[k] for p in parts], dim=1) for k in parts[0]}
+
+
+def predict_run(run: Run, x: Tensor, batch_size: int = 1000) -> dict[str, Tensor]:
+    """:func:`predict` with the run's Monte Carlo draws per member."""
+    return predict(run.ensemble, run.likelihood, x, batch_size,
+                   samples=predict_samples(run.cfg.method))
 
 
 def held_out_figures(run: Run) -> dict[str, float]:
     """Quick held-out figures logged every ``eval_every`` epochs."""
-    pred = predict(run.ensemble, run.likelihood, run.dataset.x_test)
+    pred = predict_run(run, run.dataset.x_test)
     y = run.dataset.y_test
     if "probs" in pred:
         return {"test_accuracy": float(metrics.accuracy(pred["probs"], y)),
