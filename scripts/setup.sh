@@ -18,6 +18,17 @@ if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   fi
 fi
 
+# 1b. Debian's Chromium, for the headless-browser test of the HTML report.
+if [ ! -x /usr/bin/chromium ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    apt-get install -y -q chromium >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null; } \
+      || echo "setup: could not apt-get install chromium; the report browser test will fail" >&2
+  else
+    echo "setup: /usr/bin/chromium missing; run 'apt-get install chromium' as root for the browser test" >&2
+  fi
+fi
+
 # 2. Virtualenv with torch pinned FIRST, so nothing can resolve torch to a CUDA build.
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "diverse needs Python >= 3.11")'

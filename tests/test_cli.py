@@ -67,7 +67,8 @@ def test_train_writes_the_run_directory(tmp_path, capsys):
     # resolved config: every section, readable back
     resolved = tomllib.loads((run / "config.toml").read_text())
     assert resolved["ensemble"]["members"] == 3 and resolved["train"]["lr"] == 0.01
-    assert set(resolved) == {"data", "model", "ensemble", "method", "train", "likelihood"}
+    assert set(resolved) == {"data", "model", "ensemble", "method", "train", "likelihood",
+                             "logging"}
     figures = json.loads((run / "metrics.json").read_text())
     with np.load(run / "predictions.npz", allow_pickle=False) as npz:
         probs, labels = npz["probs"], npz["labels"]

@@ -24,8 +24,17 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
+from diverse.feature_repulsion import (
+    HECKAConfig,
+    SVGDCKAConfig,
+    build_he_cka,
+    build_hyper_he_cka,
+    build_svgd_cka,
+    wrap_hypernetwork,
+)
 from diverse.forde import FoRDEConfig, build_forde
 from diverse.methods import DeepEnsembleConfig, Step, StepResult, deep_ensemble
+from diverse.mutual import MutualBNNConfig, build_mutual_bnn, wrap_mutual_peer
 from diverse.particles import (
     SVGDConfig,
     WGDConfig,
@@ -53,6 +62,11 @@ METHODS: dict[str, MethodSpec] = {
     "f-svgd": MethodSpec(SVGDConfig, build_f_svgd),
     "f-wgd": MethodSpec(WGDConfig, build_f_wgd),
     "forde": MethodSpec(FoRDEConfig, build_forde),
+    "he-cka": MethodSpec(HECKAConfig, build_he_cka),
+    "svgd-cka": MethodSpec(SVGDCKAConfig, build_svgd_cka),
+    "hyper-he-cka": MethodSpec(HECKAConfig, build_hyper_he_cka, wrap_hypernetwork, generator=True),
+    "mutual-bnn": MethodSpec(MutualBNNConfig, build_mutual_bnn,
+                             lambda cfg, module: wrap_mutual_peer(cfg.method, module)),
 }
 
 

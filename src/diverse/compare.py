@@ -22,6 +22,7 @@ from typing import Any
 from diverse.checkpoint import atomic_write_text
 from diverse.config import Config, config_to_toml, load_config, replace
 from diverse.errors import UserError
+from diverse.report import write_comparison_report
 
 HIGHER_IS_BETTER = ("accuracy", "auroc", "aupr")
 COLUMNS = ("accuracy", "nll", "ece", "ace", "brier", "mutual_information", "disagreement",
@@ -127,4 +128,8 @@ def compare(configs: Sequence[str], seeds: int, out: Path, overrides: Sequence[s
     atomic_write_text(out / "results.csv", buffer.getvalue())
     table = summary_table(rows)
     atomic_write_text(out / "results.md", f"# Comparison ({seeds} seeds)\n\n{table}")
+    runs: dict[str, list[Path]] = {}
+    for r in rows:
+        runs.setdefault(r["config"], []).append(Path(r["run_dir"]))
+    write_comparison_report(out, runs, table)
     return out / "results.md"

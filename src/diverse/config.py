@@ -1,7 +1,7 @@
 """Run configuration: typed, frozen dataclasses read from TOML.
 
 A config file has the sections ``[data]``, ``[model]``, ``[ensemble]``,
-``[method]``, ``[train]`` and ``[likelihood]``. ``[model]`` and ``[method]``
+``[method]``, ``[train]``, ``[likelihood]`` and ``[logging]``. ``[model]`` and ``[method]``
 pick their dataclass by their ``name`` key (each model and method documents
 its own keys); the other sections have one dataclass each. Every key has a
 default, so an empty section (or file) is valid. ``--set section.key=value``
@@ -31,6 +31,7 @@ from diverse.errors import UserError
 from diverse.likelihoods import LIKELIHOODS, LikelihoodConfig
 from diverse.models import MODELS
 from diverse.optim import OPTIMIZERS, SCHEDULES
+from diverse.tracking import LoggingConfig, check_backend
 
 
 @dataclass(frozen=True)
@@ -105,9 +106,10 @@ class Config:
     method: Any = None
     train: TrainConfig = field(default_factory=TrainConfig)
     likelihood: LikelihoodConfig = field(default_factory=LikelihoodConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-SECTIONS = ("data", "model", "ensemble", "method", "train", "likelihood")
+SECTIONS = ("data", "model", "ensemble", "method", "train", "likelihood", "logging")
 
 
 # ------------------------------------------------------------------ converting
@@ -186,6 +188,7 @@ def validate(cfg: Config) -> Config:
     _choice(cfg.train.schedule, SCHEDULES, "[train] schedule")
     _choice(cfg.train.device, ("auto", "cpu", "cuda"), "[train] device")
     _choice(cfg.likelihood.name, LIKELIHOODS, "[likelihood] name")
+    check_backend(cfg.logging)  # unknown backend or its package missing
     positive = {
         "[ensemble] members": cfg.ensemble.members,
         "[train] batch_size": cfg.train.batch_size,
@@ -218,7 +221,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         if not isinstance(table, dict):
             raise UserError(f"[{section}] must be a table, got {table!r}")
     plain = {"data": DataConfig, "ensemble": EnsembleConfig, "train": TrainConfig,
-             "likelihood": LikelihoodConfig}
+             "likelihood": LikelihoodConfig, "logging": LoggingConfig}
     kwargs = {s: from_mapping(cls, raw.get(s, {}), s) for s, cls in plain.items()}
     kwargs["model"] = _named(raw.get("model", {}), MODELS, "model", "mlp")
     kwargs["method"] = _named(raw.get("method", {}), METHODS, "method", "de")

@@ -243,7 +243,8 @@ class Ensemble:
         """
         saved = {k: v.clone() for k, v in self.buffers.items()}
         times: dict[str, float] = {}
-        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), \
+                torch.enable_grad():
             for mode in ("loop", "vmap", "loop", "vmap"):  # second round is measured
                 best = float("inf")
                 for _ in range(repeats):

@@ -11,11 +11,23 @@ calibration error and mean predictive std.
 ``predictions.npz`` holds ``probs (M, N, C)`` and ``labels (N,)`` (and
 ``ood_probs_<set> (M, K, C)``), or for regression ``means``/``stds``
 ``(M, N, D)``, ``targets`` and ``inputs``.
+
+For the report's plots, classification runs also get what only the model can
+give, so ``diverse report`` rebuilds every figure from the run directory:
+``confidence_curve`` (accuracy vs confidence threshold), ``function_distance``
+(``M × M`` mean total variation between member predictives) and ``cka``
+(linear CKA of the members' last ``feature_layers`` output on ≤ 500 test
+inputs) in ``metrics.json``; for images ``disagree_<set>_{index,images,value,
+entropy}`` (the 8 least / most disagreed-on test and ``ood_<name>`` examples,
+images in data units); for 2-feature inputs ``grid_x``, ``grid_y``,
+``grid_probs (M, G, G, C)``, ``train_inputs`` and ``train_labels``.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +36,10 @@ import torch
 from torch import Tensor
 
 from diverse import metrics
+from diverse.catalog import predict_samples
 from diverse.checkpoint import atomic_save_npz, atomic_write_json
-from diverse.data import Dataset, denormalize
+from diverse.data import Dataset, denormalize, normalize
+from diverse.ensemble import evaluating
 from diverse.train import Run, predict_run
 
 
@@ -80,6 +94,176 @@ def data_gap_spread(data: Dataset, means: Tensor, far: float = 0.5) -> dict[str,
             "member_std_near_data": float(spread[~mask].mean()) if (~mask).any() else 0.0}
 
 
+#: Confidence thresholds τ of :func:`accuracy_vs_confidence` in ``metrics.json``.
+CONFIDENCE_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(21))
+
+
+def accuracy_vs_confidence(probs: Tensor, labels: Tensor,
+                           thresholds: Sequence[float] = CONFIDENCE_THRESHOLDS
+                           ) -> dict[str, list[float]]:
+    """Selective prediction: accuracy of the examples the ensemble is confident about.
+
+    With ``conf_n = max_c p̄_nc`` (``p̄`` the mean over the sample axis) and
+    ``ŷ_n = argmax_c p̄_nc``, for every threshold τ::
+
+        retained(τ) = (1/N) Σ_n 1[conf_n ≥ τ]
+        accuracy(τ) = Σ_n 1[conf_n ≥ τ] 1[ŷ_n = y_n] / Σ_n 1[conf_n ≥ τ]   (NaN if none kept)
+
+    (Lakshminarayanan et al. 2017, Fig. 3: accuracy vs confidence threshold.)
+
+    Args:
+        probs: ``(M, N, C)``. labels: ``(N,)``. thresholds: τ values.
+
+    Returns:
+        ``{"thresholds": [T], "accuracy": [T], "retained": [T]}``.
+    """
+    p = metrics.mean_probs(probs)
+    conf, pred = p.max(-1)
+    correct = (pred == labels.to(pred.device)).to(torch.float64)
+    tau = torch.tensor(list(thresholds), dtype=torch.float64)
+    keep = (conf.to(torch.float64)[None, :] >= tau[:, None]).to(torch.float64)  # (T, N)
+    kept = keep.sum(1)
+    accuracy = torch.where(kept > 0, (keep * correct).sum(1) / kept.clamp_min(1), torch.nan)
+    return {"thresholds": tau.tolist(), "accuracy": accuracy.tolist(),
+            "retained": (kept / len(correct)).tolist()}
+
+
+def member_probs(probs: Tensor, draws: int = 1) -> Tensor:
+    """Per-member predictive distributions from ``(S, N, C)`` predictive samples.
+
+    With ``draws > 1`` the samples are stacked draw-major (``S = draws × M``,
+    :func:`diverse.train.member_outputs`), and member m's predictive is the mean
+    of its draws; otherwise the samples are the members. Returns ``(M, N, C)``.
+    """
+    if draws > 1 and probs.shape[0] % draws == 0:
+        return probs.reshape(draws, probs.shape[0] // draws, *probs.shape[1:]).mean(0)
+    return probs
+
+
+def function_distance(probs: Tensor) -> Tensor:
+    """Mean total-variation distance between member predictive distributions.
+
+    ``D_mk = (1/N) Σ_n ½ Σ_c |p_mnc − p_knc|`` ∈ [0, 1]: 0 for members that
+    predict alike, 1 for disjoint predictions. ``probs`` ``(M, N, C)`` →
+    ``(M, M)`` float64, symmetric with a zero diagonal.
+    """
+    p = probs.to(torch.float64)
+    return torch.stack([(p[m][None] - p).abs().sum(-1).mean(-1) / 2 for m in range(len(p))])
+
+
+def disagreement_extremes(probs: Tensor, k: int = 8) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``k`` examples with the lowest and the highest member disagreement.
+
+    Disagreement is :func:`diverse.metrics.disagreement_with_mean` (the fraction
+    of members whose argmax differs from the ensemble's); ties are broken by the
+    predictive entropy (lowest first for the low row, highest first for the
+    high row). ``probs`` ``(M, N, C)``. Returns ``index (2, k)`` int64 (row 0
+    lowest, row 1 highest), and the disagreement and entropy ``(2, k)`` there.
+    """
+    d = metrics.disagreement_with_mean(probs).cpu().numpy()
+    h = metrics.predictive_entropy(probs).cpu().numpy()
+    order = np.lexsort((h, d))  # by disagreement, then entropy, ascending
+    k = min(k, len(order))
+    index = torch.from_numpy(np.stack([order[:k], order[::-1][:k]]).astype(np.int64))
+    return index, torch.from_numpy(d)[index], torch.from_numpy(h)[index]
+
+
+def disagreement_examples(probs: Tensor, images: Tensor, prefix: str,
+                          k: int = 8) -> dict[str, np.ndarray]:
+    """Arrays of the ``k`` least / most disagreed-on images for the report.
+
+    ``images`` ``(N, C, H, W)`` in the data's own units. Keys
+    ``<prefix>_index``, ``<prefix>_images (2, k, C, H, W)``, ``<prefix>_value``
+    (disagreement) and ``<prefix>_entropy``, each with leading ``(2, k)``.
+    """
+    index, value, entropy = disagreement_extremes(probs, k)
+    return {f"{prefix}_index": index.numpy(), f"{prefix}_images": images[index].float().numpy(),
+            f"{prefix}_value": value.numpy(), f"{prefix}_entropy": entropy.numpy()}
+
+
+def decision_grid(run: Run, size: int = 80, margin: float = 0.25) -> dict[str, np.ndarray]:
+    """Predictive samples on a ``size × size`` grid over 2-feature inputs.
+
+    The grid spans the training and test inputs (data units) widened by
+    ``margin`` of their range on each side, so the map shows how uncertainty
+    grows away from the data. Returns ``grid_x (G,)``, ``grid_y (G,)``,
+    ``grid_probs (S, G, G, C)`` (``[s, i, j]`` at ``(grid_x[j], grid_y[i])``),
+    ``train_inputs (N, 2)`` and ``train_labels (N,)``.
+    """
+    data = run.dataset
+    train_raw = _raw_inputs(data.x_train, data)
+    points = torch.cat([train_raw, _raw_inputs(data.x_test, data)])
+    lo, hi = points.min(0).values, points.max(0).values
+    pad = margin * (hi - lo).clamp_min(1e-6)
+    gx = torch.linspace(float(lo[0] - pad[0]), float(hi[0] + pad[0]), size)
+    gy = torch.linspace(float(lo[1] - pad[1]), float(hi[1] + pad[1]), size)
+    yy, xx = torch.meshgrid(gy, gx, indexing="ij")
+    grid = normalize(torch.stack([xx.reshape(-1), yy.reshape(-1)], 1), data.mean, data.std)
+    probs = predict_run(run, grid)["probs"]
+    return {"grid_x": gx.numpy(), "grid_y": gy.numpy(),
+            "grid_probs": probs.reshape(probs.shape[0], size, size, -1).float().numpy(),
+            "train_inputs": train_raw.numpy(), "train_labels": data.y_train.numpy()}
+
+
+@torch.no_grad()
+def member_cka(run: Run, n: int = 500) -> dict[str, Any] | None:
+    """Linear CKA between the members' penultimate features on ``n`` test inputs.
+
+    The layer is the last of the model's ``feature_layers``; features ``(M, B,
+    ...)`` are flattened to ``(M, B, P)`` and passed to
+    :func:`diverse.cka.cka_matrix` (Kornblith et al. 2019). Returns
+    ``{"layer", "examples", "matrix" (M × M lists)}``, or ``None`` when there is
+    one member or the model names no feature layer among its own modules (a
+    hypernetwork names its target's layers: its generated members are skipped).
+    """
+    from diverse.cka import cka_matrix
+
+    module = run.ensemble.module
+    layers = tuple(getattr(module, "feature_layers", ()))
+    if (not layers or layers[-1] not in dict(module.named_modules())
+            or getattr(module, "generates_members", False) or run.ensemble.members < 2):
+        return None
+    x = run.dataset.x_test[:n].to(run.ensemble.device)
+    with evaluating(run.ensemble):
+        _out, feats = run.ensemble.features(x, [layers[-1]])
+    f = feats[layers[-1]].reshape(run.ensemble.members, len(x), -1).to("cpu", torch.float64)
+    return {"layer": layers[-1], "examples": len(x),
+            "matrix": _json_matrix(cka_matrix(f, kernel="linear"))}
+
+
+def _json_matrix(matrix: Tensor) -> list[list[float | None]]:
+    """A matrix as nested lists, NaN as ``None`` (JSON has no NaN)."""
+    return [[None if math.isnan(v) else v for v in row] for row in matrix.tolist()]
+
+
+def similarity_and_examples(run: Run, probs: Tensor,
+                            ood: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Figures and arrays of the report's member-similarity, selective-prediction,
+    disagreement-example and 2D-map plots (classification runs).
+
+    ``probs`` ``(S, N, C)`` on the test set, ``ood`` set name → ``(S, K, C)``.
+    """
+    data = run.dataset
+    curve = accuracy_vs_confidence(probs, data.y_test)
+    curve["accuracy"] = [None if math.isnan(a) else a for a in curve["accuracy"]]
+    members = member_probs(probs, predict_samples(run.cfg.method))
+    out: dict[str, Any] = {"confidence_curve": curve,
+                           "function_distance": _json_matrix(function_distance(members))}
+    cka = member_cka(run)
+    if cka is not None:
+        out["cka"] = cka
+    arrays: dict[str, np.ndarray] = {}
+    if data.x_test.dim() == 4:  # images: the least / most disagreed-on examples
+        arrays.update(disagreement_examples(probs, _raw_inputs(data.x_test, data),
+                                            "disagree_test"))
+        for name, p_out in ood.items():
+            arrays.update(disagreement_examples(p_out, _raw_inputs(data.ood[name], data),
+                                                f"disagree_ood_{name}"))
+    if data.input_shape == (2,):
+        arrays.update(decision_grid(run))
+    return out, arrays
+
+
 def evaluate(run: Run, ood_names: list[str] | None = None) -> tuple[dict[str, Any],
                                                                     dict[str, np.ndarray]]:
     """Metrics and prediction arrays of the run's ensemble on the test (and OOD) sets.
@@ -110,6 +294,11 @@ def evaluate(run: Run, ood_names: list[str] | None = None) -> tuple[dict[str, An
         out["ensemble_size"] = ensemble_size_curve(
             probs, labels, {k[len("ood_probs_"):]: torch.from_numpy(v)
                             for k, v in arrays.items() if k.startswith("ood_probs_")})
+        report_figures, report_arrays = similarity_and_examples(
+            run, probs, {k[len("ood_probs_"):]: torch.from_numpy(v)
+                         for k, v in arrays.items() if k.startswith("ood_probs_")})
+        out.update(report_figures)
+        arrays.update(report_arrays)
     else:
         means, stds, y = pred["means"], pred["stds"], data.y_test
         out.update(metrics.regression_metrics(means[..., 0], stds[..., 0], y[:, 0]))

@@ -38,6 +38,7 @@ class Step:
             log posterior; objectives here are divided by N, i.e. per example).
         prior_std: σ of the isotropic Gaussian weight prior, 0 for none.
         progress: ``step / total_steps`` in ``[0, 1)``, for annealing.
+        index: the global step number (0-based), for warm-ups counted in steps.
     """
 
     ensemble: Ensemble
@@ -47,6 +48,7 @@ class Step:
     n_train: int
     prior_std: float
     progress: float
+    index: int = 0
 
 
 @dataclass

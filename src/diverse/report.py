@@ -3,9 +3,17 @@
 
 Reads only what a run directory holds (``config.toml``, ``metrics.json``,
 ``predictions.npz``, the checkpoint manifest's history), so ``diverse report``
-works on any finished run without the model. Plots: training curves,
-reliability diagram, predictive entropy in- vs out-of-distribution, and for a
+works on any finished run without the model (what needs the model — member
+features for CKA, the 2D decision grid — is computed by :mod:`diverse.evaluate`
+and stored there). Plots: training curves, method diagnostics, reliability
+diagram, accuracy vs confidence threshold, the ensemble-size curve, predictive
+entropy in- vs out-of-distribution (and for the first 1, M/2 and M members),
+member-similarity heatmaps (function-space distance, linear CKA of features),
+the test/OOD images with the lowest and highest member disagreement, 2D
+decision/uncertainty maps, corruption-severity and rotation curves, and for a
 1D regression the predictive mean ± 2 std with the training points.
+:func:`write_comparison_report` draws the per-model overlays of ``diverse
+compare``.
 """
 
 from __future__ import annotations
@@ -206,6 +214,257 @@ def plot_regression_1d(arrays: dict[str, np.ndarray], path: Path) -> None:
     _save(fig, path)
 
 
+def plot_confidence_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path,
+                           title: str = "Accuracy vs confidence threshold") -> None:
+    """Selective prediction: accuracy of the examples with confidence ≥ τ, and their share.
+
+    ``curves`` maps a label to ``(probs (M, N, C), labels (N,))``; one line per label
+    (:func:`diverse.evaluate.accuracy_vs_confidence` on a 0.01 grid of τ).
+    """
+    from diverse.evaluate import accuracy_vs_confidence
+
+    thresholds = [i / 100 for i in range(101)]
+    fig, (ax, axr) = plt.subplots(1, 2, figsize=(9.5, 3.6))
+    for label, (probs, labels) in curves.items():
+        c = accuracy_vs_confidence(torch.from_numpy(probs), torch.from_numpy(labels), thresholds)
+        ax.plot(c["thresholds"], c["accuracy"], lw=1.6, label=label)
+        axr.plot(c["thresholds"], c["retained"], lw=1.6, label=label)
+    ax.set_xlabel("confidence threshold τ")
+    ax.set_ylabel("accuracy on examples with max p ≥ τ")
+    axr.set_xlabel("confidence threshold τ")
+    axr.set_ylabel("fraction of examples retained")
+    for a in (ax, axr):
+        a.set_xlim(0, 1)
+        a.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
+def plot_reliability_overlay(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path,
+                             bins: int = 15) -> None:
+    """Reliability curves (accuracy against mean confidence per bin) of several models."""
+    fig, ax = plt.subplots(figsize=(4.8, 4.4))
+    ax.plot([0, 1], [0, 1], "k--", lw=1)
+    for label, (probs, labels) in curves.items():
+        p, y = torch.from_numpy(probs), torch.from_numpy(labels)
+        conf, acc, count = (t.numpy() for t in metrics.reliability_diagram(p, y, bins=bins))
+        filled = count > 0
+        ece = float(metrics.ece(p, y, bins=bins))
+        ax.plot(conf[filled], acc[filled], "o-", ms=3, label=f"{label} (ECE {ece:.3f})")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Reliability", fontsize=10)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def _entropy_panel(ax: plt.Axes, probs: np.ndarray, ood: dict[str, np.ndarray]) -> None:
+    bins = np.linspace(0, np.log(probs.shape[-1]), 40)
+    ent = metrics.predictive_entropy(torch.from_numpy(probs)).numpy()
+    ax.hist(ent, bins=bins, density=True, alpha=0.55, label="test")
+    for name, p in ood.items():
+        ent = metrics.predictive_entropy(torch.from_numpy(p)).numpy()
+        ax.hist(ent, bins=bins, density=True, histtype="step", lw=1.6, label=name)
+    ax.set_xlabel("predictive entropy (nats)")
+
+
+def ensemble_sizes(members: int) -> list[int]:
+    """The ensemble sizes of the entropy small multiples: 1, the middle one and M."""
+    return sorted({1, (members + 1) // 2, members})
+
+
+def plot_entropy_by_size(probs: np.ndarray, ood: dict[str, np.ndarray], path: Path) -> None:
+    """Entropy histograms, test vs OOD, of the first k members for k in 1, middle, M."""
+    sizes = ensemble_sizes(probs.shape[0])
+    fig, axes = plt.subplots(1, len(sizes), figsize=(3.8 * len(sizes), 3.4), squeeze=False,
+                             layout="constrained")
+    for ax, k in zip(axes[0], sizes, strict=True):
+        _entropy_panel(ax, probs[:k], {name: p[:k] for name, p in ood.items()})
+        ax.set_title(f"first {k} member{'s' if k > 1 else ''}", fontsize=9)
+    axes[0][0].set_ylabel("density")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle("Predictive entropy by ensemble size: test vs out-of-distribution", fontsize=10)
+    _save(fig, path)
+
+
+def plot_entropy_per_model(runs: dict[str, tuple[np.ndarray, dict[str, np.ndarray]]],
+                           path: Path) -> None:
+    """One entropy histogram (test vs OOD) per model: ``runs[label] = (probs, ood)``."""
+    fig, axes = plt.subplots(1, len(runs), figsize=(3.8 * len(runs), 3.4), squeeze=False,
+                             layout="constrained")
+    for ax, (label, (probs, ood)) in zip(axes[0], runs.items(), strict=True):
+        _entropy_panel(ax, probs, ood)
+        ax.set_title(label, fontsize=9)
+    axes[0][0].set_ylabel("density")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle("Predictive entropy: test vs out-of-distribution", fontsize=10)
+    _save(fig, path)
+
+
+def _display(images: np.ndarray) -> np.ndarray:
+    """Images ``(..., C, H, W)`` → ``(..., H, W)`` or ``(..., H, W, 3)`` in [0, 1]."""
+    lo, hi = float(images.min()), float(images.max())
+    if lo < -1e-3 or hi > 1 + 1e-3:  # not [0, 1] data (noise OOD, raw npz): stretch
+        images = (images - lo) / max(hi - lo, 1e-12)
+    images = images.clip(0, 1)
+    if images.shape[-3] == 3:
+        return np.moveaxis(images, -3, -1)
+    return images[..., 0, :, :]
+
+
+def plot_disagreement_examples(images: np.ndarray, value: np.ndarray, predicted: np.ndarray,
+                               truth: np.ndarray | None, title: str, path: Path) -> None:
+    """Two rows of images: the least (top) and most (bottom) disagreed-on examples.
+
+    ``images`` ``(2, k, C, H, W)``; ``value`` (disagreement), ``predicted`` (ensemble
+    class) and ``truth`` (label, or ``None`` for OOD sets) are ``(2, k)``. Drawn as one
+    montage (one image, one axes: many small axes are slow to render).
+    """
+    shown = _display(images)
+    k, h, w = images.shape[1], images.shape[-2], images.shape[-1]
+    gap_x, gap_y = max(1, w // 6), max(2, h // 2)  # room between tiles and for captions
+    canvas = np.ones((2 * (h + gap_y), k * (w + gap_x), *shown.shape[4:]))
+    for row in range(2):
+        for j in range(k):
+            top, left = row * (h + gap_y) + gap_y, j * (w + gap_x)
+            canvas[top:top + h, left:left + w] = shown[row, j]
+    fig, ax = plt.subplots(figsize=(1.15 * k + 1.0, 3.6))
+    ax.imshow(canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    for row in range(2):
+        for j in range(k):
+            text = f"d={value[row, j]:.2f}\npred {predicted[row, j]}"
+            if truth is not None:
+                text += f" (true {truth[row, j]})"
+            ax.text(j * (w + gap_x) + w / 2, row * (h + gap_y) + gap_y - 0.5, text,
+                    ha="center", va="bottom", fontsize=6)
+    ax.set_xticks([])
+    ax.set_yticks([row * (h + gap_y) + gap_y + h / 2 for row in range(2)],
+                  ["lowest\ndisagreement", "highest\ndisagreement"], fontsize=7)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    ax.set_title(title, fontsize=8)
+    _save(fig, path)
+
+
+def plot_decision_map(arrays: dict[str, np.ndarray], path: Path) -> None:
+    """2D inputs: predicted class (shaded by confidence), predictive entropy and mutual
+    information of the ensemble over the grid of :func:`diverse.evaluate.decision_grid`,
+    with the training points."""
+    gx, gy, gp = arrays["grid_x"], arrays["grid_y"], arrays["grid_probs"]
+    s, g, _, c = gp.shape
+    flat = torch.from_numpy(gp.reshape(s, g * g, c))
+    mean = flat.mean(0).numpy().reshape(g, g, c)
+    colors = np.array(plt.get_cmap("tab10").colors)[np.arange(c) % 10]
+    conf = mean.max(-1, keepdims=True)
+    shade = (conf - 1 / c) / (1 - 1 / c)  # 0 at a uniform prediction, 1 at certainty
+    rgb = colors[mean.argmax(-1)] * shade + (1 - shade)
+    panels = [("Predicted class (shade: confidence)", rgb, None),
+              ("Predictive entropy (nats)",
+               metrics.predictive_entropy(flat).numpy().reshape(g, g), "viridis")]
+    if s > 1:
+        panels.append(("Mutual information (nats)",
+                       metrics.mutual_information(flat).numpy().reshape(g, g), "magma"))
+    extent = (float(gx[0]), float(gx[-1]), float(gy[0]), float(gy[-1]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.0), squeeze=False,
+                             layout="constrained")
+    points, labels = arrays["train_inputs"], arrays["train_labels"]
+    for ax, (title, image, cmap) in zip(axes[0], panels, strict=True):
+        shown = ax.imshow(image, origin="lower", extent=extent, aspect="auto", cmap=cmap,
+                          interpolation="nearest")
+        if cmap is not None:
+            fig.colorbar(shown, ax=ax, fraction=0.046)
+        ax.scatter(points[:, 0], points[:, 1], c=colors[labels], s=7, edgecolors="k",
+                   linewidths=0.3)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlim(extent[:2])
+        ax.set_ylim(extent[2:])
+    fig.suptitle("Decision and uncertainty map (training points overlaid)", fontsize=10)
+    _save(fig, path)
+
+
+def plot_similarity(matrices: dict[str, np.ndarray], path: Path) -> None:
+    """Pairwise member-similarity heatmaps, one panel per ``(M, M)`` matrix (NaN blank)."""
+    fig, axes = plt.subplots(1, len(matrices), figsize=(4.6 * len(matrices), 3.8), squeeze=False,
+                             layout="constrained")
+    for ax, (title, matrix) in zip(axes[0], matrices.items(), strict=True):
+        m = matrix.shape[0]
+        shown = ax.imshow(np.ma.masked_invalid(matrix), cmap="viridis", vmin=0,
+                          vmax=max(float(np.nanmax(matrix)) if np.isfinite(matrix).any() else 1,
+                                   1e-12))
+        fig.colorbar(shown, ax=ax, fraction=0.046)
+        if m <= 10:
+            for i in range(m):
+                for j in range(m):
+                    if np.isfinite(matrix[i, j]):
+                        ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center",
+                                fontsize=7, color="w" if matrix[i, j] < 0.5 * np.nanmax(
+                                    matrix) else "k")
+        ticks = np.arange(m) if m <= 20 else np.arange(0, m, max(1, m // 10))
+        ax.set_xticks(ticks, [str(t + 1) for t in ticks], fontsize=7)
+        ax.set_yticks(ticks, [str(t + 1) for t in ticks], fontsize=7)
+        ax.set_xlabel("member")
+        ax.set_ylabel("member")
+        ax.set_title(title, fontsize=9)
+    _save(fig, path)
+
+
+def _off_diagonal_mean(matrix: np.ndarray) -> float:
+    mask = ~np.eye(len(matrix), dtype=bool)
+    return float(np.nanmean(matrix[mask])) if mask.any() else float("nan")
+
+
+def _matrix(rows: list[list[float | None]]) -> np.ndarray:
+    return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)
+
+
+def _classification_plots(figures: dict[str, Any], arrays: dict[str, np.ndarray], plots: Path
+                          ) -> tuple[list[tuple[str, str]], list[str]]:
+    """The report's selective-prediction, entropy-by-size, member-similarity,
+    disagreement-example and 2D-map figures: ``(images, text lines)``."""
+    images: list[tuple[str, str]] = []
+    lines: list[str] = []
+    probs, labels = arrays["probs"], arrays["labels"]
+    curves = {"ensemble": (probs, labels)}
+    if probs.shape[0] > 1:
+        curves["member 1 alone"] = (probs[:1], labels)
+    plot_confidence_curves(curves, plots / "confidence.png")
+    images.append(("Accuracy vs confidence threshold", "plots/confidence.png"))
+    ood = {k[len("ood_probs_"):]: v for k, v in arrays.items() if k.startswith("ood_probs_")}
+    if ood and probs.shape[0] > 1:
+        plot_entropy_by_size(probs, ood, plots / "entropy_by_size.png")
+        images.append(("Predictive entropy by ensemble size", "plots/entropy_by_size.png"))
+    matrices = {}
+    if "function_distance" in figures:
+        matrices["Function-space distance (mean TV)"] = _matrix(figures["function_distance"])
+    if "cka" in figures:
+        matrices[f"Linear CKA of features ({figures['cka']['layer']})"] = _matrix(
+            figures["cka"]["matrix"])
+    if matrices and len(next(iter(matrices.values()))) > 1:
+        plot_similarity(matrices, plots / "member_similarity.png")
+        images.append(("Member similarity", "plots/member_similarity.png"))
+        lines += ["Mean over member pairs: " + ", ".join(
+            f"{title} {_off_diagonal_mean(m):.4f}" for title, m in matrices.items()) + ".", ""]
+    sets = [("test", "test", probs, labels)] + [
+        (f"ood_{name}", f"OOD set {name}", p, None) for name, p in ood.items()]
+    for key, title, p, y in sets:
+        if f"disagree_{key}_index" not in arrays:
+            continue
+        index = arrays[f"disagree_{key}_index"]
+        predicted = p.mean(0).argmax(-1)[index]
+        plot_disagreement_examples(arrays[f"disagree_{key}_images"],
+                                   arrays[f"disagree_{key}_value"], predicted,
+                                   None if y is None else y[index],
+                                   f"{title}: least and most disagreed-on examples "
+                                   "(d = fraction of members off the ensemble's class)",
+                                   plots / f"disagreement_{key}.png")
+        images.append((f"Member disagreement examples: {title}",
+                       f"plots/disagreement_{key}.png"))
+    if "grid_probs" in arrays:
+        plot_decision_map(arrays, plots / "decision_map.png")
+        images.append(("Decision and uncertainty map", "plots/decision_map.png"))
+    return images, lines
+
+
 def _history(run_dir: Path) -> list[dict[str, Any]]:
     latest = run_dir / "checkpoints" / "latest.json"
     if not latest.is_file():
@@ -274,6 +533,10 @@ def write_report(run_dir: Path) -> Path:
                     lines.append(f"| {name} | {score} | {row['auroc']:.4f} | {row['aupr_in']:.4f}"
                                  f" | {row['aupr_out']:.4f} | {row['fpr95']:.4f} |")
             lines.append("")
+    if "probs" in arrays:
+        more_images, more_lines = _classification_plots(figures, arrays, plots)
+        images += more_images
+        lines += more_lines
     if "corruptions" in figures:
         plot_shift(figures, plots / "shift.png")
         images.append(("Corruptions and rotations", "plots/shift.png"))
@@ -307,4 +570,82 @@ def write_report(run_dir: Path) -> Path:
     atomic_write_text(path, markdown)
     atomic_write_text(run_dir / "report.html",
                       markdown_to_html(markdown, run_dir, f"diverse run {run_dir.name}"))
+    return path
+
+
+def _pooled(run_dirs: list[Path]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]] | None:
+    """Ensemble-mean probabilities of several runs (seeds), stacked along the examples.
+
+    Returns ``(probs (1, ΣN, C), labels (ΣN,), {ood set: (1, ΣK, C)})`` (OOD sets
+    that every run has), or ``None`` for regression runs.
+    """
+    probs, labels, ood = [], [], {}
+    for run_dir in run_dirs:
+        with np.load(Path(run_dir) / "predictions.npz", allow_pickle=False) as npz:
+            if "probs" not in npz.files:
+                return None
+            probs.append(npz["probs"].mean(0))
+            labels.append(npz["labels"])
+            for key in npz.files:
+                if key.startswith("ood_probs_"):
+                    ood.setdefault(key[len("ood_probs_"):], []).append(npz[key].mean(0))
+    return (np.concatenate(probs)[None], np.concatenate(labels),
+            {k: np.concatenate(v)[None] for k, v in ood.items() if len(v) == len(run_dirs)})
+
+
+def _similarity_row(run_dirs: list[Path]) -> tuple[float, float]:
+    """Mean over seeds of the mean pairwise function distance and CKA (NaN if absent)."""
+    distance, cka = [], []
+    for run_dir in run_dirs:
+        figures = json.loads((Path(run_dir) / "metrics.json").read_text())
+        if "function_distance" in figures:
+            distance.append(_off_diagonal_mean(_matrix(figures["function_distance"])))
+        if "cka" in figures:
+            cka.append(_off_diagonal_mean(_matrix(figures["cka"]["matrix"])))
+    return (float(np.mean(distance)) if distance else float("nan"),
+            float(np.mean(cka)) if cka else float("nan"))
+
+
+def write_comparison_report(out: Path, runs: dict[str, list[Path]], table: str) -> Path:
+    """``OUT/report.md`` and an offline ``OUT/report.html`` for ``diverse compare``.
+
+    ``runs`` maps each config to its run directories (one per seed); ``table``
+    is the results table (Markdown). For classification the predictions of all
+    seeds of a config are pooled (the ensemble mean of each run, examples
+    stacked) and drawn overlaid: reliability curves, accuracy vs confidence
+    threshold, and one entropy histogram (test vs OOD) per config; a table gives
+    the mean pairwise function-space distance and linear CKA of the members.
+    """
+    out = Path(out)
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    lines = [f"# Comparison: {', '.join(runs)}", "", table.strip(), ""]
+    pooled = {name: p for name, dirs in runs.items() if (p := _pooled(dirs)) is not None}
+    images: list[tuple[str, str]] = []
+    if pooled:
+        curves = {name: (p, y) for name, (p, y, _ood) in pooled.items()}
+        plot_reliability_overlay(curves, plots / "reliability.png")
+        images.append(("Reliability (seeds pooled)", "plots/reliability.png"))
+        plot_confidence_curves(curves, plots / "confidence.png",
+                               title="Accuracy vs confidence threshold (seeds pooled)")
+        images.append(("Accuracy vs confidence threshold", "plots/confidence.png"))
+        with_ood = {name: (p, ood) for name, (p, _y, ood) in pooled.items() if ood}
+        if with_ood:
+            plot_entropy_per_model(with_ood, plots / "entropy_ood.png")
+            images.append(("Predictive entropy per config, in- vs out-of-distribution",
+                           "plots/entropy_ood.png"))
+        lines += ["## Member similarity (mean over member pairs and seeds)", "",
+                  "| config | function-space distance (TV) | linear CKA of features |",
+                  "|---|---|---|"]
+        for name in pooled:
+            distance, cka = _similarity_row(runs[name])
+            lines.append(f"| {name} | {distance:.4f} | {cka:.4f} |")
+        lines.append("")
+    for title, rel in images:
+        lines += [f"## {title}", "", f"![{title}]({rel})", ""]
+    markdown = "\n".join(lines)
+    path = out / "report.md"
+    atomic_write_text(path, markdown)
+    atomic_write_text(out / "report.html",
+                      markdown_to_html(markdown, out, f"diverse comparison {out.name}"))
     return path

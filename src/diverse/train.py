@@ -41,6 +41,7 @@ from diverse.optim import (
     set_lr,
 )
 from diverse.progress import Progress
+from diverse.tracking import open_tracker
 
 PROGRESS_LOGS = ("driving_over_repulsion", "disagreement")  # method diagnostics shown live
 
@@ -109,8 +110,8 @@ def build_run(cfg: Config, dataset: Dataset | None = None) -> Run:
 
     # a generator method (hypernetwork) is one stacked slot producing K members
     slots = 1 if spec.generator else cfg.ensemble.members
-    ensemble = Ensemble(factory, slots, seed=cfg.train.seed,
-                        execution=cfg.ensemble.execution, device=device)
+    execution = "loop" if spec.generator else cfg.ensemble.execution  # one slot: nothing to vmap
+    ensemble = Ensemble(factory, slots, seed=cfg.train.seed, execution=execution, device=device)
     update = spec.build(cfg.method, dataset)
     t = cfg.train
     optimizer = build_optimizer(
@@ -135,7 +136,7 @@ def member_outputs(ensemble: Ensemble, x: Tensor, samples: int = 1) -> Tensor:
     draws = []
     for _ in range(samples):
         out = ensemble(x)
-        if out.dim() == x.dim() + 2:  # (M, K, B, ...) from a generator
+        if getattr(ensemble.module, "generates_members", False):  # (1, K, B, ...)
             out = out.flatten(0, 1)
         draws.append(out)
     return torch.cat(draws) if samples > 1 else draws[0]
@@ -205,6 +206,7 @@ def train(
     n, spe, total = len(x_train), run.steps_per_epoch, run.total_steps
     bar = Progress(total, f"train {cfg.method.name} M={cfg.ensemble.members}",
                    enabled=show_progress, start=step)
+    tracker = open_tracker(cfg.logging, run_dir, config_to_dict(cfg))  # [logging] backend
     for epoch in range(start_epoch, run.total_epochs + 1):
         torch.manual_seed(epoch_seed(t.seed, epoch))
         shuffle = torch.Generator().manual_seed(epoch_seed(t.seed, epoch))
@@ -220,7 +222,7 @@ def train(
             lr = t.lr * schedule_factor(t.schedule, step / total, final=t.final_lr_factor)
             set_lr(run.optimizer, lr)
             result = run.update(Step(ens, x_train[idx], y_train[idx], run.likelihood, n,
-                                     t.prior_std, step / total))
+                                     t.prior_std, step / total, step))
             finite_grads = all(bool(torch.isfinite(g).all()) for g in result.grads.values())
             if not bool(torch.isfinite(result.loss).all()) or not finite_grads:
                 what = "loss" if finite_grads else "update (gradient)"
@@ -257,6 +259,7 @@ def train(
         if (t.eval_every > 0 and epoch % t.eval_every == 0) or last:
             record.update(held_out_figures(run))
         history.append(record)
+        tracker.log(epoch, record)
         if spe >= 10 or last or epoch % max(1, run.total_epochs // 20) == 0:
             bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                for k, v in record.items()))
@@ -271,6 +274,7 @@ def train(
             keep=t.keep_checkpoints,
         )
     bar.close()
+    tracker.close()
     return history
 
 
