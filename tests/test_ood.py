@@ -100,3 +100,12 @@ def test_defaults_need_no_files():
     assert all(v.shape[1:] == d.input_shape for v in d.ood.values())
     # OOD sets get the training normalization: uniform noise has mean (0.5 - m) / s
     assert abs(d.ood["uniform"].mean().item() - (0.5 - d.mean[0]) / d.std[0]) < 0.02
+
+
+def test_synthetic_outliers_set_is_seeded_and_in_range():
+    x = torch.rand(50, 1, 28, 28)
+    a = build_ood("synthetic", "fashion-mnist", x, 3, lambda name: x)
+    b = build_ood("synthetic", "fashion-mnist", x, 3, lambda name: x)
+    c = build_ood("synthetic", "fashion-mnist", x, 4, lambda name: x)
+    assert a.shape == (50, 1, 28, 28) and torch.equal(a, b) and not torch.equal(a, c)
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0

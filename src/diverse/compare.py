@@ -52,6 +52,8 @@ def flat_row(figures: dict[str, Any]) -> dict[str, float]:
     for name, table in figures.get("ood", {}).items():
         for key in ("auroc", "aupr_out", "fpr95"):
             row[f"{key}[{name}]"] = table[key]
+    for layer, cka in figures.get("cka", {}).get("layers", {}).items():
+        row[f"cka[{layer}]"] = cka["mean"]  # mean pairwise CKA between members
     return row
 
 

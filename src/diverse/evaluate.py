@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -207,28 +208,44 @@ def decision_grid(run: Run, size: int = 80, margin: float = 0.25) -> dict[str, n
 
 @torch.no_grad()
 def member_cka(run: Run, n: int = 500) -> dict[str, Any] | None:
-    """Linear CKA between the members' penultimate features on ``n`` test inputs.
+    """Linear CKA between the members' features at every feature layer, on ``n`` test inputs.
 
-    The layer is the last of the model's ``feature_layers``; features ``(M, B,
-    ...)`` are flattened to ``(M, B, P)`` and passed to
+    The layers are the model's ``feature_layers`` (for a hypernetwork: its
+    target's, on the ``predict_members`` generated networks); features
+    ``(M, B, ...)`` are flattened to ``(M, B, P)`` and passed to
     :func:`diverse.cka.cka_matrix` (Kornblith et al. 2019). Returns
-    ``{"layer", "examples", "matrix" (M × M lists)}``, or ``None`` when there is
-    one member or the model names no feature layer among its own modules (a
-    hypernetwork names its target's layers: its generated members are skipped).
+    ``{"layer", "examples", "matrix"}`` for the last (penultimate) layer plus
+    ``"layers": {layer: {"matrix", "mean"}}`` (``mean`` = mean off-diagonal
+    CKA), or ``None`` when there is one member or no feature layer.
     """
     from diverse.cka import cka_matrix
 
     module = run.ensemble.module
-    layers = tuple(getattr(module, "feature_layers", ()))
-    if (not layers or layers[-1] not in dict(module.named_modules())
-            or getattr(module, "generates_members", False) or run.ensemble.members < 2):
-        return None
+    generator = getattr(module, "generates_members", False)
+    owner = module.target if generator else module
+    named = dict(owner.named_modules())
+    layers = [name for name in getattr(owner, "feature_layers", ()) if name in named]
     x = run.dataset.x_test[:n].to(run.ensemble.device)
-    with evaluating(run.ensemble):
-        _out, feats = run.ensemble.features(x, [layers[-1]])
-    f = feats[layers[-1]].reshape(run.ensemble.members, len(x), -1).to("cpu", torch.float64)
-    return {"layer": layers[-1], "examples": len(x),
-            "matrix": _json_matrix(cka_matrix(f, kernel="linear"))}
+    with evaluating(run.ensemble), torch.no_grad():
+        if generator:
+            from diverse.hypernet import generate_with
+
+            own = {k: v[0] for k, v in run.ensemble.params.items()}
+            params = generate_with(module, own, module.predict_codes)
+            _out, feats = module.apply_features(params, x, layers)
+        else:
+            _out, feats = run.ensemble.features(x, layers)
+    members = next(iter(feats.values())).shape[0] if feats else 0
+    if not layers or members < 2:
+        return None
+    per_layer: dict[str, Any] = {}
+    for layer in layers:
+        f = feats[layer].reshape(members, len(x), -1).to("cpu", torch.float64)
+        matrix = cka_matrix(f, kernel="linear")
+        off = matrix[~torch.eye(members, dtype=torch.bool)]
+        per_layer[layer] = {"matrix": _json_matrix(matrix), "mean": float(off.nanmean())}
+    return {"layer": layers[-1], "examples": len(x), "matrix": per_layer[layers[-1]]["matrix"],
+            "layers": per_layer}
 
 
 def _json_matrix(matrix: Tensor) -> list[list[float | None]]:
@@ -261,7 +278,24 @@ def similarity_and_examples(run: Run, probs: Tensor,
                                                 f"disagree_ood_{name}"))
     if data.input_shape == (2,):
         arrays.update(decision_grid(run))
+    if getattr(run.cfg.method, "outliers", 0) > 0:
+        arrays["training_outliers"] = training_outlier_examples(run)
     return out, arrays
+
+
+def training_outlier_examples(run: Run, count: int = 32) -> np.ndarray:
+    """``count`` synthetic outliers as the method draws them in training, raw ``[0, 1]``.
+
+    Same generator and settings as the training steps (:class:`diverse.
+    feature_repulsion.OutlierSource`), seeded by the run seed, for the report's grid.
+    """
+    from diverse.feature_repulsion import OutlierSource
+
+    source = OutlierSource(replace(run.cfg.method, outliers=count), run.dataset)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(run.cfg.train.seed)
+        x = source(torch.device("cpu"))
+    return _raw_inputs(x, run.dataset).clamp(0, 1).numpy()
 
 
 def evaluate(run: Run, ood_names: list[str] | None = None) -> tuple[dict[str, Any],

@@ -45,7 +45,7 @@ from diverse.cka import CENTERINGS, GRAM_KINDS, as_matrix, unit_grams
 from diverse.data import normalize
 from diverse.ensemble import Params, flatten_params, unflatten_params
 from diverse.errors import UserError
-from diverse.hypernet import HyperNetConfig, HyperNetwork
+from diverse.hypernet import HyperNetConfig, HyperNetwork, generate_with
 from diverse.methods import Step, StepResult, gaussian_prior_penalty
 from diverse.outliers import OutlierConfig, synthetic_outliers
 
@@ -363,7 +363,7 @@ def build_hyper_he_cka(cfg: HECKAConfig, dataset: Any) -> Callable[[Step], StepR
         n_in = len(step.x)
         x = step.x if source is None else torch.cat([step.x, source(step.x.device)])
         modules = [layer for layer in layers if layer != OUTPUT]
-        generated = _generate(hyper, own, z)
+        generated = generate_with(hyper, own, z)
         out, feats = hyper.apply_features(generated, x, modules)
         nll = step.likelihood.nll(out[:, :n_in], step.y).mean(1)
         loss = nll + gaussian_prior_penalty(generated, step.prior_std, step.n_train)
@@ -375,20 +375,3 @@ def build_hyper_he_cka(cfg: HECKAConfig, dataset: Any) -> Callable[[Step], StepR
                           grads=dict(zip(names, grads, strict=True)), logs=logs)
 
     return update
-
-
-class _Generation(nn.Module):
-    """``z → hyper.generate(z)`` as a forward, so it can be called functionally."""
-
-    def __init__(self, hyper: HyperNetwork) -> None:
-        super().__init__()
-        self.hyper = hyper
-
-    def forward(self, z: Tensor) -> Params:
-        return self.hyper.generate(z)
-
-
-def _generate(hyper: HyperNetwork, own: Params, z: Tensor) -> Params:
-    """The members for codes ``z`` as a function of the (stacked slot's) own params."""
-    return torch.func.functional_call(_Generation(hyper), {f"hyper.{k}": v for k, v in own.items()},
-                                      (z,))

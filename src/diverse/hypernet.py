@@ -75,7 +75,8 @@ from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from diverse.ensemble import Params
 from diverse.errors import UserError
 
-__all__ = ["HyperNetConfig", "HyperNetwork", "LinearGenerator", "ChunkedGenerator"]
+__all__ = ["HyperNetConfig", "HyperNetwork", "LinearGenerator", "ChunkedGenerator",
+           "generate_with"]
 
 
 @dataclass(frozen=True)
@@ -424,3 +425,24 @@ class HyperNetwork(nn.Module):
 def _owner(name: str) -> str:
     """The module owning a parameter: ``"classifier.fc1.weight"`` → ``"classifier.fc1"``."""
     return name.rpartition(".")[0]
+
+
+class _Generation(nn.Module):
+    """``z → hyper.generate(z)`` as a forward, so that it can be called functionally."""
+
+    def __init__(self, hyper: HyperNetwork) -> None:
+        super().__init__()
+        self.hyper = hyper
+
+    def forward(self, z: Tensor) -> Params:
+        return self.hyper.generate(z)
+
+
+def generate_with(hyper: HyperNetwork, params: Mapping[str, Tensor], z: Tensor) -> Params:
+    """:meth:`HyperNetwork.generate` with the hypernetwork's parameters given explicitly.
+
+    ``params`` are the hypernetwork's own parameters by name (e.g. one slot of
+    a stacked :class:`diverse.ensemble.Ensemble`), so gradients reach them.
+    """
+    return functional_call(_Generation(hyper), {f"hyper.{k}": v for k, v in params.items()},
+                           (z,))

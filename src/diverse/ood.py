@@ -13,6 +13,9 @@ the training set's normalization to it. Names (:data:`OOD_NAMES`):
   min(len(test), 10000) examples, seeded by ``seed``.
 - ``rotated``: test images rotated by 90° (``torch.rot90`` over H, W);
   ``flipped``: test images upside-down (flip over H).
+- ``synthetic``: synthetic outliers (:mod:`diverse.outliers`: generated patterns and
+  heavily transformed *test* images), min(len(test), 2000) of them, seeded by ``seed``
+  on a stream of their own (training-time outliers use other seeds).
 - ``npz:PATH``: the ``x_ood`` array of the .npz file PATH, as given (no rescaling).
 """
 
@@ -32,7 +35,8 @@ from diverse.errors import UserError
 #: Datasets usable as OOD sets by name (their test split).
 DATASET_OOD: tuple[str, ...] = ("mnist", "fashion-mnist", "svhn", "cifar10", "cifar100")
 #: All OOD names; also accepted: ``npz:PATH``.
-OOD_NAMES: tuple[str, ...] = ("digits", *DATASET_OOD, "uniform", "gaussian", "rotated", "flipped")
+OOD_NAMES: tuple[str, ...] = ("digits", *DATASET_OOD, "uniform", "gaussian", "rotated", "flipped",
+                              "synthetic")
 
 _IMAGE_DEFAULT: tuple[str, ...] = ("digits", "uniform", "gaussian", "rotated", "flipped")
 #: OOD sets used for ``ood = ["default"]``: only ones that need no extra files.
@@ -48,6 +52,7 @@ DEFAULT_OOD: dict[str, tuple[str, ...]] = {
 #: ITU-R BT.601 luma weights for RGB -> gray.
 _LUMA = (0.299, 0.587, 0.114)
 _NOISE_STREAM = {"uniform": 100, "gaussian": 101}
+_SYNTHETIC_STREAM = 102
 
 
 def resize_images(x: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -155,5 +160,10 @@ def build_ood(
         return x if x.shape[1:] == x_test.shape[1:] else resize_images(x, shape)
     if name == "flipped":
         return torch.flip(x_test, dims=(2,))
+    if name == "synthetic":
+        from diverse.outliers import synthetic_outliers
+
+        gen = torch.Generator().manual_seed(seed * 1_000 + _SYNTHETIC_STREAM)
+        return synthetic_outliers(x_test.clamp(0, 1), min(len(x_test), 2000), gen)
     source = digits_images() if name == "digits" else load_test(name)
     return resize_images(source, shape)

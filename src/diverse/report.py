@@ -550,6 +550,13 @@ def write_report(run_dir: Path) -> Path:
         lines += [f"| {s} | {mean[s]['accuracy']:.4f} | {mean[s]['nll']:.4f} | "
                   f"{mean[s]['ece']:.4f} |" for s in sorted(mean, key=int)]
         lines.append("")
+    if "training_outliers" in arrays:
+        from diverse.outliers import outlier_grid
+
+        outlier_grid(torch.from_numpy(arrays["training_outliers"]),
+                     plots / "training_outliers.png",
+                     title="synthetic outliers as drawn in training")
+        images.append(("Synthetic training outliers", "plots/training_outliers.png"))
     inputs = arrays.get("inputs")
     if "probs" not in arrays and inputs is not None and inputs.shape[1:] == (1,):
         plot_regression_1d(arrays, plots / "regression.png")
