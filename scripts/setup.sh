@@ -38,7 +38,15 @@ fi
 
 # 3. The package and its test tools (the torch range in pyproject is satisfied by the pin).
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | quiet_pip
+# 3b. laplace-torch (the Laplace baseline) and the two packages of its stack whose metadata
+#     requires torchvision: without dependencies, so pip can neither replace the CPU torch nor
+#     pull torchvision (never imported on our code paths); their other requirements are pinned
+#     in pyproject.toml and were installed just above.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps laplace-torch==0.3 \
+  backpack-for-pytorch==1.7.1 curvlinops-for-pytorch==3.0.1 2>&1 | quiet_pip
 .venv/bin/python -c 'import sys, diverse, torch
 if not torch.__version__.startswith("2.13.0"):
     sys.exit(f"setup: torch {torch.__version__} installed, expected 2.13.0 (CPU)")
+from diverse.laplace_fit import laplace_class
+laplace_class()  # laplace-torch imports (without torchvision)
 print(f"setup: diverse {diverse.__version__}, torch {torch.__version__}")'

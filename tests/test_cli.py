@@ -167,3 +167,10 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(mask)
     assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+
+
+def test_train_under_torchrun_points_to_the_launcher(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", "examples/regression_1d_de.toml", "--out", str(tmp_path / "r")]) == 2
+    assert "diverse.launch" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -22,6 +22,12 @@ METHOD_SETTINGS = {
     "svgd-cka": [],
     "hyper-he-cka": [],
     "mutual-bnn": ["method.init_rho=-30", "method.kl_weight=0.01"],  # σ ≈ 0: vmap = loop
+    # p ≈ 0: vmap and loop draw different masks, here all ones
+    "mc-dropout": ["model.dropout=1e-6", "method.predict_samples=2"],
+    "vi": ["method.init_rho=-30", "method.kl_weight=0.01", "method.predict_samples=2"],
+    "swag": ["method.swa_frequency=2", "method.rank=3", "method.predict_samples=2"],
+    "sghmc": ["method.predict_samples=2"],
+    "laplace": ["method.marglik_steps=20", "method.predict_samples=2"],
 }
 BASE = ["data.name=digits", "data.train_subset=256", "data.test_subset=200",
         "model.name=mlp", "model.hidden=[16]", "model.activation=tanh", "ensemble.members=3",

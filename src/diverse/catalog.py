@@ -12,6 +12,11 @@ whose members are not plain copies of the configured model:
   members (a hypernetwork): it is built with a single slot whose forward
   returns ``(K, B, ...)`` for K generated members, and prediction flattens
   that axis into the member axis.
+* ``finalize(run) -> Samples`` (Bayesian baselines) turns the trained
+  members into weight samples of the plain model once training ends (SWAG,
+  Laplace and VI draws, SGHMC samples, MC-dropout masked weights);
+  :func:`diverse.train.train` saves them in ``RUN/samples`` and prediction
+  then goes through them (:mod:`diverse.samples`).
 
 A method config may also carry ``predict_samples`` (Monte Carlo draws per
 member at prediction, default 1), read by :func:`diverse.train.predict`.
@@ -33,6 +38,13 @@ from diverse.feature_repulsion import (
     wrap_hypernetwork,
 )
 from diverse.forde import FoRDEConfig, build_forde
+from diverse.laplace_fit import LaplaceConfig, build_laplace, finalize_laplace
+from diverse.mc_dropout import (
+    MCDropoutConfig,
+    build_mc_dropout,
+    finalize_mc_dropout,
+    wrap_mc_dropout,
+)
 from diverse.methods import DeepEnsembleConfig, Step, StepResult, deep_ensemble
 from diverse.mutual import MutualBNNConfig, build_mutual_bnn, wrap_mutual_peer
 from diverse.particles import (
@@ -43,9 +55,13 @@ from diverse.particles import (
     build_svgd,
     build_wgd,
 )
+from diverse.sghmc import SGHMCConfig, build_sghmc, finalize_sghmc, wrap_sghmc
+from diverse.swag import SWAGConfig, build_swag, finalize_swag, wrap_swag
+from diverse.vi import VIConfig, build_vi, finalize_vi, wrap_vi
 
 MethodBuilder = Callable[[Any, Any], Callable[[Step], StepResult]]
 ModelWrapper = Callable[[Any, nn.Module], nn.Module]
+Finalizer = Callable[[Any], Any]  # (run) -> diverse.samples.Samples
 
 
 class MethodSpec(NamedTuple):
@@ -53,6 +69,7 @@ class MethodSpec(NamedTuple):
     build: MethodBuilder
     wrap_model: ModelWrapper | None = None
     generator: bool = False
+    finalize: Finalizer | None = None
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -67,6 +84,12 @@ METHODS: dict[str, MethodSpec] = {
     "hyper-he-cka": MethodSpec(HECKAConfig, build_hyper_he_cka, wrap_hypernetwork, generator=True),
     "mutual-bnn": MethodSpec(MutualBNNConfig, build_mutual_bnn,
                              lambda cfg, module: wrap_mutual_peer(cfg.method, module)),
+    "mc-dropout": MethodSpec(MCDropoutConfig, build_mc_dropout, wrap_mc_dropout,
+                             finalize=finalize_mc_dropout),
+    "vi": MethodSpec(VIConfig, build_vi, wrap_vi, finalize=finalize_vi),
+    "swag": MethodSpec(SWAGConfig, build_swag, wrap_swag, finalize=finalize_swag),
+    "sghmc": MethodSpec(SGHMCConfig, build_sghmc, wrap_sghmc, finalize=finalize_sghmc),
+    "laplace": MethodSpec(LaplaceConfig, build_laplace, finalize=finalize_laplace),
 }
 
 

@@ -1,4 +1,4 @@
-"""Command line: ``diverse train | evaluate | report``.
+"""Command line: ``diverse train | evaluate | report | compare | posterior``.
 
 Bad input (config keys, types, names, missing files or data) exits with code 2
 and one line on stderr, before any run directory is created. A diverging run
@@ -8,6 +8,7 @@ exits with code 1 and keeps its last good checkpoint.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
@@ -34,6 +35,7 @@ def _catalog() -> str:
         "  diverse evaluate runs/fmnist-de --ood digits --ood gaussian\n"
         "  diverse report runs/fmnist-de\n"
         "  diverse compare examples/fmnist_mlp_*.toml --seeds 3 --out runs/compare\n"
+        "  diverse posterior examples/posterior_digits.toml --out runs/posterior\n"
     )
 
 
@@ -72,6 +74,13 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override applied to every config, repeatable")
     cp.add_argument("--quiet", action="store_true")
+    po = sub.add_parser("posterior", help="symmetry-aware posterior study: every Bayesian "
+                        "baseline vs a reference of independently trained networks")
+    po.add_argument("config", nargs="?", help="study TOML (default: digits, MLP 64-16-10)")
+    po.add_argument("--out", default="runs/posterior", help="folder (default runs/posterior)")
+    po.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a study value (e.g. study.seeds=1), repeatable")
+    po.add_argument("--quiet", action="store_true")
     return parser
 
 
@@ -101,6 +110,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     from diverse.config import config_to_toml, load_config
     from diverse.train import build_run, train
 
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world not in ("", "1"):
+        raise UserError(f"diverse train under torchrun (WORLD_SIZE = {world}) would make every "
+                        "rank train the whole ensemble; launch `torchrun ... -m diverse.launch "
+                        "CONFIG --out DIR` instead (docs/scaling.md)")
     if args.resume:
         run_dir = Path(args.resume)
         if args.config or args.set or args.out:
@@ -161,6 +175,14 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(table.read_text() if not args.quiet else table)
 
 
+def cmd_posterior(args: argparse.Namespace) -> None:
+    from diverse.posterior import load_posterior_config, run_study
+
+    table = run_study(load_posterior_config(args.config, args.set), Path(args.out),
+                      not args.quiet)
+    print(table.read_text() if not args.quiet else table)
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from diverse.report import write_report
 
@@ -170,7 +192,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"train": cmd_train, "evaluate": cmd_evaluate, "report": cmd_report,
-                "compare": cmd_compare}
+                "compare": cmd_compare, "posterior": cmd_posterior}
     try:
         commands[args.command](args)
     except UserError as err:

@@ -31,6 +31,7 @@ from diverse.errors import UserError
 from diverse.likelihoods import LIKELIHOODS, LikelihoodConfig
 from diverse.models import MODELS
 from diverse.optim import OPTIMIZERS, SCHEDULES
+from diverse.precision import PRECISIONS
 from diverse.tracking import LoggingConfig, check_backend
 
 
@@ -77,6 +78,10 @@ class TrainConfig:
         checkpoint_every: write a checkpoint every this many epochs (default 1;
             the last epoch always). A resume restarts after the last one.
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+        precision: ``"fp32"`` (default) or ``"bf16"``: the member forward under
+            bf16 autocast (:mod:`diverse.precision`).
+        compile: ``torch.compile`` the vmapped member forward (default false;
+            methods with double backward, FoRDE, run eagerly).
     """
 
     epochs: int = 10
@@ -96,6 +101,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     checkpoint_every: int = 1
     device: str = "auto"
+    precision: str = "fp32"
+    compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -187,6 +194,7 @@ def validate(cfg: Config) -> Config:
     _choice(cfg.train.optimizer, OPTIMIZERS, "[train] optimizer")
     _choice(cfg.train.schedule, SCHEDULES, "[train] schedule")
     _choice(cfg.train.device, ("auto", "cpu", "cuda"), "[train] device")
+    _choice(cfg.train.precision, PRECISIONS, "[train] precision")
     _choice(cfg.likelihood.name, LIKELIHOODS, "[likelihood] name")
     check_backend(cfg.logging)  # unknown backend or its package missing
     positive = {

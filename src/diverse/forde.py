@@ -27,6 +27,7 @@ import torch
 
 from diverse import kernels, metrics
 from diverse.annealing import ANNEALINGS, anneal
+from diverse.distributed import SINGLE, Comm
 from diverse.errors import UserError
 from diverse.methods import Step, StepResult, gaussian_prior_penalty
 from diverse.spaces import (
@@ -61,12 +62,16 @@ class FoRDEConfig:
     driving_scale: float = 1.0
 
 
-def forde_repulsion(s: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+def forde_repulsion(s: torch.Tensor, comm: Comm = SINGLE) -> tuple[torch.Tensor, dict[str, float]]:
     """Per-member log Σ_j k_ij from embeddings ``(M, B, D)``; returns ``(M,)``.
 
     Gradients flow through the first argument only (the second is detached).
+    Sharded (``comm``), ``s`` holds this rank's members ``(M/R, B, D)``: the
+    kernel is computed over all gathered members (bandwidths and diagnostics
+    as in one process; only this rank's rows carry gradients) and this rank's
+    ``(M/R,)`` rows are returned.
     """
-    per_example = s.transpose(0, 1)  # (B, M, D)
+    per_example = comm.gather(s).transpose(0, 1)  # (B, M, D)
     sq = kernels.sq_dists(per_example, per_example.detach())  # (B, M, M)
     h = kernels.median_heuristic_forde(sq.detach())  # (B, 1, M): per example b, column j
     kappa = torch.exp(-sq / h)
@@ -74,7 +79,7 @@ def forde_repulsion(s: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     m = k.shape[0]
     off = (k.sum() - k.diagonal().sum()) / max(m * (m - 1), 1)
     logs = {"bandwidth": float(h.mean()), "kernel_mean": float(off.detach())}
-    return k.sum(1).log(), logs
+    return comm.local(k.sum(1).log()), logs
 
 
 def build_forde(cfg: FoRDEConfig, dataset: Any = None) -> Callable[[Step], StepResult]:
@@ -105,7 +110,7 @@ def build_forde(cfg: FoRDEConfig, dataset: Any = None) -> Callable[[Step], StepR
         c = 1.0 / (len(step.x) if cfg.repulsion_scale == "batch" else step.n_train)
         grads_x, outputs = input_gradients(ens, params, step.x, step.y, create_graph=True)
         s = input_gradient_embedding(grads_x, moved)
-        log_k, logs = forde_repulsion(s)
+        log_k, logs = forde_repulsion(s, step.comm)
         nll = step.likelihood.nll(outputs, step.y).mean(1)
         loss = nll + gaussian_prior_penalty(params, step.prior_std, step.n_train)
         names = list(params)
@@ -114,13 +119,15 @@ def build_forde(cfg: FoRDEConfig, dataset: Any = None) -> Callable[[Step], StepR
         repel = torch.autograd.grad(c * log_k.sum(), leaves, allow_unused=True)
         grads = {k: d if r is None else d + r
                  for k, d, r in zip(names, drive, repel, strict=True)}
-        dn = torch.cat([g.reshape(g.shape[0], -1) for g in drive], 1).norm(dim=1).mean()
+        dn = torch.cat([g.reshape(g.shape[0], -1) for g in drive], 1).norm(dim=1)
         rn = torch.cat([torch.zeros_like(d).reshape(d.shape[0], -1) if r is None
                         else r.reshape(r.shape[0], -1) for d, r in zip(drive, repel, strict=True)],
-                       1).norm(dim=1).mean()
+                       1).norm(dim=1)
+        dn, rn = step.comm.gather(torch.stack([dn, rn], 1)).mean(0)  # over all members
+        probs = step.comm.gather(outputs.detach()).softmax(-1)
         logs.update(driving_norm=float(dn), repulsion_norm=float(rn),
                     driving_over_repulsion=float(dn) / max(float(rn), 1e-30), anneal=a,
-                    disagreement=float(metrics.disagreement(outputs.detach().softmax(-1)).mean()))
+                    disagreement=float(metrics.disagreement(probs).mean()))
         return StepResult(loss=loss.detach(), outputs=outputs.detach(), grads=grads, logs=logs)
 
     return update

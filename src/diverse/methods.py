@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from diverse.distributed import SINGLE, Comm
 from diverse.ensemble import Ensemble, Params
 from diverse.likelihoods import Likelihood
 
@@ -39,6 +40,9 @@ class Step:
         prior_std: σ of the isotropic Gaussian weight prior, 0 for none.
         progress: ``step / total_steps`` in ``[0, 1)``, for annealing.
         index: the global step number (0-based), for warm-ups counted in steps.
+        comm: the member sharding (:mod:`diverse.distributed`): the ensemble
+            holds this rank's members; interaction terms gather the others'
+            embeddings with ``comm.gather``. Default: one process.
     """
 
     ensemble: Ensemble
@@ -49,6 +53,7 @@ class Step:
     prior_std: float
     progress: float
     index: int = 0
+    comm: Comm = SINGLE
 
 
 @dataclass

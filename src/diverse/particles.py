@@ -22,6 +22,10 @@ applies). The reference RDE code leaves the repulsion unscaled while the
 likelihood is scaled by N; a reproduction measured the driving term ~10⁶×
 larger than the repulsion — the ``driving_norm``/``repulsion_norm`` diagnostics
 show this ratio for every run.
+
+Sharded over processes (:mod:`diverse.distributed`), each rank embeds its own
+members, gathers all M embeddings and driving terms, computes φ for all
+particles (the same numbers on every rank) and keeps its own rows.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from torch import Tensor
 
 from diverse import kernels, metrics, scores
 from diverse.annealing import ANNEALINGS, anneal
+from diverse.distributed import SINGLE
 from diverse.ensemble import Ensemble, Params, flatten_params, pull_back, unflatten_params
 from diverse.errors import UserError
 from diverse.methods import Step, StepResult, gaussian_prior_penalty
@@ -241,8 +246,10 @@ def weight_space(cfg: SVGDConfig, direction: Repulsion) -> Callable[[Step], Step
         grads = torch.autograd.grad(loss.sum(), [params[k] for k in names])
         drive = -flatten_params(dict(zip(names, grads, strict=True)))  # ∇ log p(w|D) / N
         z = weight_embedding({k: v.detach() for k, v in params.items()})
-        phi, logs = direction(z, drive, a, c)
-        logs.update(_disagreement(outputs, step), anneal=a)
+        comm = step.comm  # sharded: the interaction of all M particles, this rank's rows kept
+        phi, logs = direction(comm.gather(z), comm.gather(drive), a, c)
+        phi = comm.local(phi)
+        logs.update(_disagreement(comm.gather(outputs.detach()), step), anneal=a)
         return StepResult(loss=loss.detach(), outputs=outputs.detach(),
                           grads=unflatten_params(-phi, params), logs=logs)
 
@@ -274,17 +281,19 @@ def function_space(cfg: SVGDConfig, direction: Repulsion,
         logits = shaped.clamp_min(1e-30).log() if cfg.output == "softmax" else shaped
         nll = step.likelihood.nll(logits, step.y).mean(1)
         (drive,) = torch.autograd.grad(-nll.sum(), f_leaf)
-        prior = _function_prior_score(cfg, step, x, f)
+        comm = step.comm  # sharded: the interaction of all M particles, this rank's rows kept
+        f_all, drive = comm.gather(f.detach()), comm.gather(drive)
+        prior = _function_prior_score(cfg, step, x, f_all)
         if prior is not None:
             drive = drive + prior / step.n_train
-        phi, logs = direction(f.detach(), drive, a, c)
-        grads = pull_back(f, params, -phi)
+        phi, logs = direction(f_all, drive, a, c)
+        grads = pull_back(f, params, -comm.local(phi))
         adv = adversarial_nll(step, params, cfg.fgsm_epsilon)
         if cfg.fgsm_epsilon > 0:
             names = list(params)
             extra = torch.autograd.grad(a * adv.sum(), [params[k] for k in names])
             grads = {k: grads[k] + g for k, g in zip(names, extra, strict=True)}
-        logs.update(_disagreement(outputs[:, :b], step), anneal=a)
+        logs.update(_disagreement(comm.gather(outputs[:, :b].detach()), step), anneal=a)
         return StepResult(loss=(nll + adv).detach(), outputs=outputs[:, :b].detach(),
                           grads=grads, logs=logs)
 
@@ -303,15 +312,24 @@ def context_inputs(cfg: SVGDConfig, x_pool: Tensor) -> Tensor:
 
 @torch.no_grad()
 def _function_prior_score(cfg: SVGDConfig, step: Step, x: Tensor, f: Tensor) -> Tensor | None:
-    """SSGE estimate of ∇_f log p_prior(f) at the particles, from prior draws."""
+    """SSGE estimate of ∇_f log p_prior(f) at the particles ``f (M, B'·C)``, from prior draws.
+
+    Sharded (``step.comm``), every rank draws the same ``count`` prior samples
+    (same generator state) and, when ``count`` divides evenly, pushes only its
+    share through the network; the function draws are then gathered.
+    """
     if step.prior_std <= 0:
         return None
     ens: Ensemble = step.ensemble
-    count = cfg.prior_samples or ens.members
+    comm = step.comm
+    count = cfg.prior_samples or ens.members * comm.size
     draws = prior_draws(ens.params, count, step.prior_std)
-    buffers = {k: v[:1].expand(count, *v.shape[1:]).clone() for k, v in ens.buffers.items()}
+    share = comm if count % comm.size == 0 else SINGLE
+    draws = {k: share.local(v) for k, v in draws.items()}
+    n = count // share.size
+    buffers = {k: v[:1].expand(n, *v.shape[1:]).clone() for k, v in ens.buffers.items()}
     out = ens.apply(draws, x, buffers=buffers)
-    f_prior = function_embedding(out, cfg.output)
+    f_prior = share.gather(function_embedding(out, cfg.output))
     return scores.ssge_score(f_prior, kernels.median_heuristic, eta=0.01, y=f.detach())
 
 

@@ -550,7 +550,9 @@ def _min_mass_member(s: Sequence[np.ndarray], c: Sequence[np.ndarray]) -> list[n
     x0 = np.zeros(int(sum(sizes)))
     res = minimize(fun, x0, jac=jac, hessp=hessp, method="trust-ncg",
                    options={"gtol": 1e-12, "maxiter": 1000})
-    if not np.all(np.isfinite(res.x)) or np.linalg.norm(jac(res.x)) > 1e-8:
+    # the objective is normalized to 1 at the start; 1e-6 is float64 precision for
+    # trust-ncg here (an ordinary SWAG draw stopped at 1.75e-8)
+    if not np.all(np.isfinite(res.x)) or np.linalg.norm(jac(res.x)) > 1e-6:
         raise RuntimeError(
             f"min-mass scaling did not converge: {res.message} (gradient norm "
             f"{np.linalg.norm(jac(res.x)):.3g}); a unit with zero incoming or outgoing "

@@ -9,6 +9,10 @@ global generator (dropout masks) and the shuffling generator from
 ``(seed, epoch)``. A checkpoint is written atomically after every epoch, so a
 run killed at any point resumes from the last finished epoch and reaches
 exactly (bit for bit on CPU) the parameters of an uninterrupted run.
+
+Sharded over processes (:mod:`diverse.distributed`, launched by torchrun),
+each rank trains its share of the members on the same minibatches; rank 0
+gathers all members into the usual checkpoint and writes history and logs.
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diverse import metrics
+from diverse import distributed, metrics, precision
+from diverse import samples as sample_set
 from diverse.catalog import METHODS, predict_samples
 from diverse.checkpoint import load_checkpoint, save_checkpoint
 from diverse.config import Config, config_to_dict
 from diverse.data import Dataset, load_dataset
+from diverse.distributed import SINGLE, Comm
 from diverse.ensemble import Ensemble, evaluating
 from diverse.errors import DivergenceError, UserError
 from diverse.likelihoods import Likelihood, build_likelihood
@@ -41,7 +47,8 @@ from diverse.optim import (
     set_lr,
 )
 from diverse.progress import Progress
-from diverse.tracking import open_tracker
+from diverse.samples import Samples, base_model, has_samples, load_samples, save_samples
+from diverse.tracking import NullTracker, open_tracker
 
 PROGRESS_LOGS = ("driving_over_repulsion", "disagreement")  # method diagnostics shown live
 
@@ -69,6 +76,8 @@ class Run:
     update: Callable[[Step], StepResult]
     optimizer: torch.optim.Optimizer
     device: torch.device
+    comm: Comm = SINGLE  # the member sharding; the ensemble holds this rank's members
+    samples: Samples | None = None  # weight samples of a Bayesian baseline, after training
 
     @property
     def steps_per_epoch(self) -> int:
@@ -84,13 +93,17 @@ class Run:
         return math.ceil(self.total_steps / self.steps_per_epoch)
 
 
-def build_run(cfg: Config, dataset: Dataset | None = None) -> Run:
+def build_run(cfg: Config, dataset: Dataset | None = None, comm: Comm | None = None) -> Run:
     """Load data and build likelihood, ensemble, method and optimizer.
 
     Everything that can fail on bad input fails here, before a run directory
-    is created.
+    is created. ``comm`` defaults to the initialized default process group
+    (:func:`diverse.distributed.current`; one process if there is none): the
+    ensemble then holds this rank's members only.
     """
+    comm = distributed.current() if comm is None else comm
     device = resolve_device(cfg.train.device)
+    device = distributed.rank_device(device) if comm.size > 1 else device
     dataset = dataset if dataset is not None else load_dataset(cfg.data)
     likelihood = build_likelihood(cfg.likelihood)
     if likelihood.task != dataset.task:
@@ -100,7 +113,8 @@ def build_run(cfg: Config, dataset: Dataset | None = None) -> Run:
             f"{cfg.data.name!r}: use name = {want!r}"
         )
     outputs = likelihood.outputs_per_target(dataset.num_outputs)
-    build_model(cfg.model, dataset.input_shape, outputs)  # validate once, outside the seeding
+    probe = build_model(cfg.model, dataset.input_shape, outputs)  # validate, outside the seeding
+    distributed.check_sharding(comm, cfg.method, cfg.train.prior_std, probe)
 
     spec = METHODS[cfg.method.name]
 
@@ -111,14 +125,18 @@ def build_run(cfg: Config, dataset: Dataset | None = None) -> Run:
     # a generator method (hypernetwork) is one stacked slot producing K members
     slots = 1 if spec.generator else cfg.ensemble.members
     execution = "loop" if spec.generator else cfg.ensemble.execution  # one slot: nothing to vmap
-    ensemble = Ensemble(factory, slots, seed=cfg.train.seed, execution=execution, device=device)
-    update = spec.build(cfg.method, dataset)
+    offset, count = comm.shard(slots)
+    ensemble = Ensemble(factory, count, seed=cfg.train.seed, execution=execution,
+                        member_offset=offset, device=device)
     t = cfg.train
+    precision.configure(ensemble, t.precision, t.compile, cfg.method.name,
+                        notify=None if comm.rank == 0 else lambda _text: None)
+    update = spec.build(cfg.method, dataset)
     optimizer = build_optimizer(
         list(ensemble.params.values()), t.optimizer, t.lr, momentum=t.momentum,
         nesterov=t.nesterov, betas=(t.betas[0], t.betas[1]), weight_decay=t.weight_decay,
     )
-    return Run(cfg, dataset, likelihood, ensemble, update, optimizer, device)
+    return Run(cfg, dataset, likelihood, ensemble, update, optimizer, device, comm)
 
 
 PREDICT_SEED = 20_261_123  # Monte Carlo prediction draws are seeded: evaluation is repeatable
@@ -162,7 +180,14 @@ def predict(ensemble: Ensemble, likelihood: Likelihood, x: Tensor,
 
 
 def predict_run(run: Run, x: Tensor, batch_size: int = 1000) -> dict[str, Tensor]:
-    """:func:`predict` with the run's Monte Carlo draws per member."""
+    """:func:`predict` with the run's Monte Carlo draws per member.
+
+    A run with weight samples (a Bayesian baseline after training) predicts
+    through them instead: ``(S, N, ...)``, draw-major (:mod:`diverse.samples`).
+    """
+    if run.samples is not None:
+        return sample_set.predict(base_model(run.cfg, run.dataset, run.likelihood), run.samples,
+                                  run.likelihood, x, batch_size)
     return predict(run.ensemble, run.likelihood, x, batch_size,
                    samples=predict_samples(run.cfg.method))
 
@@ -170,6 +195,8 @@ def predict_run(run: Run, x: Tensor, batch_size: int = 1000) -> dict[str, Tensor
 def held_out_figures(run: Run) -> dict[str, float]:
     """Quick held-out figures logged every ``eval_every`` epochs."""
     pred = predict_run(run, run.dataset.x_test)
+    samples = predict_samples(run.cfg.method)  # sharded: every member's predictions
+    pred = {k: run.comm.gather_samples(v, samples) for k, v in pred.items()}
     y = run.dataset.y_test
     if "probs" in pred:
         return {"test_accuracy": float(metrics.accuracy(pred["probs"], y)),
@@ -192,11 +219,14 @@ def train(
     Returns the per-epoch history. ``on_step(global_step)`` is called after
     every optimizer step (tests use it to interrupt a run).
     """
-    cfg, ens, data = run.cfg, run.ensemble, run.dataset
+    cfg, ens, data, comm = run.cfg, run.ensemble, run.dataset, run.comm
+    lead = comm.rank == 0  # writes checkpoints, logs and progress
     t = cfg.train
     step, start_epoch, history = 0, 1, []
     if resume:
-        model_t, optim_t, manifest = load_checkpoint(run_dir)
+        model_t, optim_t, manifest = load_checkpoint(run_dir)  # all members: take this rank's
+        model_t = distributed.shard_tensors(comm, model_t, cfg.ensemble.members)
+        optim_t = distributed.shard_tensors(comm, optim_t, cfg.ensemble.members)
         ens.load_state_tensors({k: v.to(run.device) for k, v in model_t.items()})
         load_optimizer_tensors(run.optimizer, list(ens.params), optim_t)
         ens.execution = manifest["execution"]
@@ -205,8 +235,9 @@ def train(
     y_train = data.y_train.to(run.device)
     n, spe, total = len(x_train), run.steps_per_epoch, run.total_steps
     bar = Progress(total, f"train {cfg.method.name} M={cfg.ensemble.members}",
-                   enabled=show_progress, start=step)
-    tracker = open_tracker(cfg.logging, run_dir, config_to_dict(cfg))  # [logging] backend
+                   enabled=show_progress and lead, start=step)
+    tracker = (open_tracker(cfg.logging, run_dir, config_to_dict(cfg))  # [logging] backend
+               if lead else NullTracker())
     for epoch in range(start_epoch, run.total_epochs + 1):
         torch.manual_seed(epoch_seed(t.seed, epoch))
         shuffle = torch.Generator().manual_seed(epoch_seed(t.seed, epoch))
@@ -222,9 +253,9 @@ def train(
             lr = t.lr * schedule_factor(t.schedule, step / total, final=t.final_lr_factor)
             set_lr(run.optimizer, lr)
             result = run.update(Step(ens, x_train[idx], y_train[idx], run.likelihood, n,
-                                     t.prior_std, step / total, step))
+                                     t.prior_std, step / total, step, comm=comm))
             finite_grads = all(bool(torch.isfinite(g).all()) for g in result.grads.values())
-            if not bool(torch.isfinite(result.loss).all()) or not finite_grads:
+            if comm.any(not bool(torch.isfinite(result.loss).all()) or not finite_grads):
                 what = "loss" if finite_grads else "update (gradient)"
                 raise DivergenceError(
                     f"non-finite {what} at epoch {epoch} step {i + 1} (global step {step + 1}); "
@@ -248,6 +279,9 @@ def train(
                        **{k: v for k, v in result.logs.items() if k in PROGRESS_LOGS})
             if on_step is not None:
                 on_step(step)
+        # sharded: the live figures above are rank 0's members; the epoch's are all members'
+        sums["loss"], sums["fit"] = comm.mean(
+            torch.tensor([sums["loss"], sums["fit"]], dtype=torch.float64)).tolist()
         record: dict[str, Any] = {
             "epoch": epoch, "step": step, "lr": lr, "seconds": time.perf_counter() - t0,
             "train_loss": sums["loss"] / max(sums["count"], 1),
@@ -265,16 +299,25 @@ def train(
                                for k, v in record.items()))
         if epoch % t.checkpoint_every and not last:
             continue
-        save_checkpoint(
-            run_dir, epoch, ens.state_tensors(),
-            optimizer_tensors(run.optimizer, list(ens.params)),
-            {"config": config_to_dict(cfg), "step": step, "members": cfg.ensemble.members,
-             "execution": ens.resolved_execution(x_train[:t.batch_size]),
-             "history": history},
-            keep=t.keep_checkpoints,
-        )
+        model_t = distributed.gather_tensors(comm, ens.state_tensors())
+        optim_t = distributed.gather_tensors(comm, optimizer_tensors(run.optimizer,
+                                                                      list(ens.params)))
+        if lead:
+            save_checkpoint(
+                run_dir, epoch, model_t, optim_t,
+                {"config": config_to_dict(cfg), "step": step, "members": cfg.ensemble.members,
+                 "execution": ens.resolved_execution(x_train[:t.batch_size]),
+                 "history": history},
+                keep=t.keep_checkpoints,
+            )
+        comm.barrier()  # the checkpoint is complete before any rank goes on
     bar.close()
     tracker.close()
+    finalize = METHODS[cfg.method.name].finalize
+    if finalize is not None:  # Bayesian baselines end in weight samples (diverse.samples)
+        run.samples = finalize(run)
+        if lead:
+            save_samples(run_dir, run.samples, cfg.method.name, config_to_dict(cfg))
     return history
 
 
@@ -284,4 +327,6 @@ def load_trained(run_dir: Path, cfg: Config, dataset: Dataset | None = None) -> 
     model_t, _optim, manifest = load_checkpoint(run_dir)
     run.ensemble.load_state_tensors({k: v.to(run.device) for k, v in model_t.items()})
     run.ensemble.execution = manifest["execution"]
+    if has_samples(run_dir):
+        run.samples = load_samples(run_dir, run.device)[0]
     return run
