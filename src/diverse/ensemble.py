@@ -169,29 +169,8 @@ class Ensemble:
         from it, so they carry the member axis and stay differentiable.
         """
         params = self.params if params is None else params
-        named = dict(self.module.named_modules())
-        unknown = [name for name in layers if name not in named]
-        if unknown:
-            raise UserError(
-                f"feature layer {unknown[0]!r} is not a module of the model; "
-                f"allowed: {', '.join(n for n in named if n)}"
-            )
         layers = tuple(layers)
-
-        def member(p: Params, b: Params, xm: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
-            captured: dict[str, Tensor] = {}
-            handles = [
-                named[name].register_forward_hook(
-                    lambda _mod, _inp, out, name=name: captured.__setitem__(name, out)
-                )
-                for name in layers
-            ]
-            try:
-                out = self._member_forward(p, b, xm)
-            finally:
-                for h in handles:
-                    h.remove()
-            return out, tuple(captured[name] for name in layers)
+        member = capturing(self._member_forward, self.module, layers, "the model")
 
         mode = self.resolved_execution(x, per_member_input)
         if mode == "vmap":
@@ -310,6 +289,42 @@ class Ensemble:
                 self.params[k].copy_(v)
             elif k in self.buffers:
                 self.buffers[k].copy_(v)
+
+
+def capturing(
+    forward: Callable[..., Tensor], module: nn.Module, layers: Sequence[str], owner: str
+) -> Callable[..., tuple[Tensor, tuple[Tensor, ...]]]:
+    """``forward(*args)`` that also returns the outputs of ``module``'s named ``layers``.
+
+    Forward hooks are registered inside the returned per-member function and
+    the captured tensors are returned from it, so under ``vmap`` they carry the
+    member axis and stay differentiable. An unknown layer raises
+    :class:`UserError` naming ``owner`` and the allowed module names.
+    """
+    named = dict(module.named_modules())
+    unknown = [name for name in layers if name not in named]
+    if unknown:
+        raise UserError(
+            f"feature layer {unknown[0]!r} is not a module of {owner}; "
+            f"allowed: {', '.join(n for n in named if n)}"
+        )
+
+    def member(*args: Tensor | Params) -> tuple[Tensor, tuple[Tensor, ...]]:
+        captured: dict[str, Tensor] = {}
+        handles = [
+            named[name].register_forward_hook(
+                lambda _mod, _inp, out, name=name: captured.__setitem__(name, out)
+            )
+            for name in layers
+        ]
+        try:
+            out = forward(*args)
+        finally:
+            for h in handles:
+                h.remove()
+        return out, tuple(captured[name] for name in layers)
+
+    return member
 
 
 def _cache_path() -> Path:

@@ -166,6 +166,18 @@ def resolve_layers(cfg: HECKAConfig, module: nn.Module) -> tuple[tuple[str, ...]
     return layers, he.layer_weights(len(layers), schedule)
 
 
+def layer_resolver(cfg: HECKAConfig) -> Callable[[nn.Module], tuple[tuple[str, ...], list[float]]]:
+    """:func:`resolve_layers` on the first call, remembered afterwards."""
+    memo: list[tuple[tuple[str, ...], list[float]]] = []
+
+    def layers_of(module: nn.Module) -> tuple[tuple[str, ...], list[float]]:
+        if not memo:
+            memo.append(resolve_layers(cfg, module))
+        return memo[0]
+
+    return layers_of
+
+
 def energy_options(cfg: HECKAConfig) -> dict[str, Any]:
     return {"kernel": cfg.kernel, "centering": cfg.centering, "s": cfg.s,
             "energy": cfg.energy, "eps": cfg.eps, "eps_arc": cfg.eps_arc}
@@ -265,13 +277,11 @@ def _disagreement(logits: Tensor) -> float:
 def build_he_cka(cfg: HECKAConfig, dataset: Any) -> Callable[[Step], StepResult]:
     """HE-CKA ensemble (with synthetic outliers when ``outliers > 0``)."""
     source = OutlierSource(cfg, dataset) if cfg.outliers else None
-    resolved: dict[str, Any] = {}
+    layers_of = layer_resolver(cfg)
 
     def update(step: Step) -> StepResult:
         ens, params = step.ensemble, step.ensemble.params
-        if not resolved:
-            resolved["layers"], resolved["weights"] = resolve_layers(cfg, ens.module)
-        layers, weights = resolved["layers"], resolved["weights"]
+        layers, weights = layers_of(ens.module)
         n_in = len(step.x)
         x = step.x if source is None else torch.cat([step.x, source(step.x.device)])
         out, feats = _features(step, params, x, layers)
@@ -290,13 +300,11 @@ def build_he_cka(cfg: HECKAConfig, dataset: Any) -> Callable[[Step], StepResult]
 
 def build_svgd_cka(cfg: SVGDCKAConfig, dataset: Any = None) -> Callable[[Step], StepResult]:
     """SVGD with the layer-weighted HE-CKA energy as the kernel between members."""
-    resolved: dict[str, Any] = {}
+    layers_of = layer_resolver(cfg)
 
     def update(step: Step) -> StepResult:
         ens, params = step.ensemble, step.ensemble.params
-        if not resolved:
-            resolved["layers"], resolved["weights"] = resolve_layers(cfg, ens.module)
-        layers, weights = resolved["layers"], resolved["weights"]
+        layers, weights = layers_of(ens.module)
         out, feats = _features(step, params, step.x, layers)
         nll = step.likelihood.nll(out, step.y).mean(1)
         loss = nll + gaussian_prior_penalty(params, step.prior_std, step.n_train)
@@ -348,16 +356,14 @@ def build_hyper_he_cka(cfg: HECKAConfig, dataset: Any) -> Callable[[Step], StepR
     (``[train] prior_std``) applies to the generated weights.
     """
     source = OutlierSource(cfg, dataset) if cfg.outliers else None
-    resolved: dict[str, Any] = {}
+    layers_of = layer_resolver(cfg)
 
     def update(step: Step) -> StepResult:
         ens = step.ensemble
         hyper: HyperNetwork = ens.module  # type: ignore[assignment]
         names = list(ens.params)
         own = {k: v[0] for k, v in ens.params.items()}
-        if not resolved:
-            resolved["layers"], resolved["weights"] = resolve_layers(cfg, hyper.target)
-        layers, weights = resolved["layers"], resolved["weights"]
+        layers, weights = layers_of(hyper.target)
         k = hyper.cfg.train_members
         z = torch.randn(k, hyper.cfg.z_dim, device=step.x.device)
         n_in = len(step.x)

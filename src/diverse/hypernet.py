@@ -72,7 +72,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
-from diverse.ensemble import Params
+from diverse.ensemble import Params, capturing
 from diverse.errors import UserError
 
 __all__ = ["HyperNetConfig", "HyperNetwork", "LinearGenerator", "ChunkedGenerator",
@@ -377,29 +377,8 @@ class HyperNetwork(nn.Module):
         :meth:`diverse.ensemble.Ensemble.features`), so features carry the
         member axis and stay differentiable.
         """
-        named = dict(self.target.named_modules())
-        unknown = [name for name in layers if name not in named]
-        if unknown:
-            raise UserError(
-                f"feature layer {unknown[0]!r} is not a module of the target; "
-                f"allowed: {', '.join(n for n in named if n)}"
-            )
         layers = tuple(layers)
-
-        def member(p: Params, b: Params, xm: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
-            captured: dict[str, Tensor] = {}
-            handles = [
-                named[name].register_forward_hook(
-                    lambda _mod, _inp, out, name=name: captured.__setitem__(name, out)
-                )
-                for name in layers
-            ]
-            try:
-                out = self._member(p, b, xm)
-            finally:
-                for h in handles:
-                    h.remove()
-            return out, tuple(captured[name] for name in layers)
+        member = capturing(self._member, self.target, layers, "the target")
 
         members = next(iter(params.values())).shape[0]
         fn = vmap(member, in_dims=(0, 0, None), randomness="different")
