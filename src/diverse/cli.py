@@ -39,6 +39,16 @@ def _catalog() -> str:
     )
 
 
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """CONFIG, --set, --out, --resume, --quiet: the arguments of a training command."""
+    parser.add_argument("config", nargs="?", help="TOML config (not needed with --resume)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value (TOML syntax), repeatable")
+    parser.add_argument("--out", help="run directory (default runs/<config>-<time>)")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diverse",
@@ -49,12 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     tr = sub.add_parser("train", help="train an ensemble from a TOML config",
                         epilog=_catalog(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    tr.add_argument("config", nargs="?", help="TOML config (not needed with --resume)")
-    tr.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="override a config value (TOML syntax), repeatable")
-    tr.add_argument("--out", help="run directory (default runs/<config>-<time>)")
-    tr.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
-    tr.add_argument("--quiet", action="store_true", help="no progress output")
+    add_run_arguments(tr)
     ev = sub.add_parser("evaluate", help="(re)evaluate a run: metrics.json, predictions.npz")
     ev.add_argument("run_dir")
     ev.add_argument("--ood", action="append", default=None, metavar="NAME",

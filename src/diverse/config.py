@@ -249,17 +249,23 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
+def read_toml(path: str | Path | None) -> dict[str, Any]:
+    """The tables of a TOML file (``{}`` for ``None``); a missing or broken file is a
+    :class:`UserError` naming it."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {str(path)!r} does not exist")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a TOML config (or start from defaults) and apply ``--set`` overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file {str(path)!r} does not exist")
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise UserError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+    raw = read_toml(path)
     for text in overrides:
         section, key, value = parse_override(text)
         raw.setdefault(section, {})

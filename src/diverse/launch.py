@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from diverse.cli import add_run_arguments
 from diverse.errors import DivergenceError, UserError
 
 
@@ -30,12 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="torchrun --nproc-per-node=N -m diverse.launch",
         description="Train an ensemble sharded over the processes torchrun starts.")
-    parser.add_argument("config", nargs="?", help="TOML config (not needed with --resume)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a config value (TOML syntax), repeatable")
-    parser.add_argument("--out", help="run directory (default runs/<config>-<time>)")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    add_run_arguments(parser)
     parser.add_argument("--no-evaluate", action="store_true",
                         help="skip the evaluation after training (run `diverse evaluate` later)")
     return parser

@@ -50,7 +50,6 @@ import csv
 import io
 import json
 import math
-import tomllib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -70,6 +69,7 @@ from diverse.config import (
     config_to_toml,
     from_mapping,
     parse_override,
+    read_toml,
 )
 from diverse.errors import UserError
 from diverse.mmd import mmd
@@ -219,15 +219,7 @@ def posterior_config(raw: dict[str, Any]) -> PosteriorConfig:
 def load_posterior_config(path: str | Path | None, overrides: Sequence[str] = ()
                           ) -> PosteriorConfig:
     """Read a study TOML (or start from defaults) and apply ``--set section.key=value``."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file {str(path)!r} does not exist")
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise UserError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+    raw = read_toml(path)
     for text in overrides:
         section, key, value = parse_override(text)
         if section in RUN_SECTIONS and section not in raw:
