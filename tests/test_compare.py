@@ -62,6 +62,10 @@ def test_compare_runs_every_config_and_seed_then_reuses_and_resumes(tmp_path, ca
     with open(out / "results.csv") as fh:
         again = list(csv.DictReader(fh))
     assert [r["accuracy"] for r in again] == [r["accuracy"] for r in rows]
+    # an edited config is not silently answered with the old runs
+    assert main(["compare", *paths, "--seeds", "2", "--out", str(out),
+                 "--set", "train.lr=0.02"]) == 2
+    assert "holds a run of a different config" in capsys.readouterr().err
 
 
 def test_summary_table_marks_the_best_mean_per_column():

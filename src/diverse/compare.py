@@ -34,6 +34,10 @@ def run_to_completion(cfg: Config, run_dir: Path, finish: Callable[[Any, Path], 
     """Reuse, resume or start the run in ``run_dir``; returns what it did."""
     from diverse.train import build_run, train
 
+    saved = run_dir / "config.toml"
+    if saved.is_file() and saved.read_text() != config_to_toml(cfg):
+        raise UserError(f"{str(run_dir)!r} holds a run of a different config (its config.toml "
+                        "differs); use another --out or remove that run")
     if (run_dir / "metrics.json").is_file():
         return "reused"
     run = build_run(cfg)
