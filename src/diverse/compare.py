@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from diverse.checkpoint import atomic_write_text
-from diverse.config import Config, config_to_toml, load_config, replace
+from diverse.config import Config, config_to_dict, config_to_toml, load_config, replace
 from diverse.errors import UserError
 from diverse.report import write_comparison_report
 
@@ -35,7 +35,9 @@ def run_to_completion(cfg: Config, run_dir: Path, finish: Callable[[Any, Path], 
     from diverse.train import build_run, train
 
     saved = run_dir / "config.toml"
-    if saved.is_file() and saved.read_text() != config_to_toml(cfg):
+    # compared as resolved configs: keys added to the package since (with their
+    # defaults) do not make an old run different
+    if saved.is_file() and config_to_dict(load_config(saved)) != config_to_dict(cfg):
         raise UserError(f"{str(run_dir)!r} holds a run of a different config (its config.toml "
                         "differs); use another --out or remove that run")
     if (run_dir / "metrics.json").is_file():
