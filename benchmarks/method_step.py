@@ -44,6 +44,11 @@ METHOD_TABLES = {
     "f-wgd-kde": {"name": "f-wgd", "estimator": "kde"},
     "f-svgd": {"name": "f-svgd"},
     "forde-pca": {"name": "forde", "lengthscales": "pca"},
+    "he-cka": {"name": "he-cka"},
+    "he-cka-outliers": {"name": "he-cka", "outliers": 64},
+    "svgd-cka": {"name": "svgd-cka"},
+    "hyper-he-cka": {"name": "hyper-he-cka"},
+    "mutual-bnn": {"name": "mutual-bnn"},
 }
 
 
@@ -61,16 +66,24 @@ def make_stepper(model: str, method: str, members: int, device: torch.device, ba
     x_train = torch.randn(512, *shape)
     data = Dataset("bench", "classification", x_train, torch.zeros(512, dtype=torch.long),
                    x_train, torch.zeros(512, dtype=torch.long), 10, {}, (0.0,), (1.0,))
-    ens = Ensemble(lambda: build_model(cfg.model, shape, 10), members, seed=0,
-                   execution=execution, device=device).train()
-    update = METHODS[cfg.method.name][1](cfg.method, data)
+    spec = METHODS[cfg.method.name]
+
+    def factory() -> torch.nn.Module:
+        module = build_model(cfg.model, shape, 10)
+        return module if spec.wrap_model is None else spec.wrap_model(cfg, module)
+
+    # a hypernetwork is one slot generating M members per step (as in train.build_run)
+    ens = Ensemble(factory, 1 if spec.generator else members, seed=0,
+                   execution="loop" if spec.generator else execution, device=device).train()
+    update = spec.build(cfg.method, data)
     opt = torch.optim.Adam(list(ens.params.values()), lr=1e-3)
     x = torch.randn(batch, *shape, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     lik = Categorical()
 
     def step() -> None:
-        result = update(Step(ens, x, y, lik, n_train=60000, prior_std=1.0, progress=0.5))
+        result = update(Step(ens, x, y, lik, n_train=60000, prior_std=1.0, progress=0.5,
+                             index=10**6))  # past every warm-up
         for name, p in ens.params.items():
             p.grad = result.grads[name]
         opt.step()
