@@ -76,6 +76,10 @@ def test_summary_table_marks_the_best_mean_per_column():
     table = summary_table(rows).splitlines()
     assert table[2] == "| a | 2 | **0.8500 ± 0.0707** | 0.4000 ± 0.1414 |"
     assert table[3] == "| b | 2 | 0.7000 ± 0.0000 | **0.2000 ± 0.0000** |"
+    # diversity / uncertainty columns are reported, never marked best
+    rows = [{"config": c, "seed": 0, "disagreement": v, "cka[act1]": v}
+            for c, v in (("a", 0.1), ("b", 0.2))]
+    assert "**" not in summary_table(rows)
 
 
 def test_compare_rejects_bad_input_before_running(tmp_path, capsys):

@@ -25,6 +25,8 @@ from diverse.errors import UserError
 from diverse.report import write_comparison_report
 
 HIGHER_IS_BETTER = ("accuracy", "auroc", "aupr")
+# member diversity and uncertainty: neither direction is "better" for every method
+DESCRIPTIVE = ("mutual_information", "disagreement", "cka")
 COLUMNS = ("accuracy", "nll", "ece", "ace", "brier", "mutual_information", "disagreement",
            "rmse", "calibration_error")
 
@@ -63,7 +65,10 @@ def flat_row(figures: dict[str, Any]) -> dict[str, float]:
     return row
 
 
-def _better(column: str) -> Callable[[float, float], bool]:
+def _better(column: str) -> Callable[[float, float], bool] | None:
+    """How two means of a column compare; ``None`` for descriptive columns (no "best")."""
+    if column.split("[")[0].startswith(DESCRIPTIVE):
+        return None
     if column.split("[")[0].startswith(HIGHER_IS_BETTER):
         return lambda a, b: a > b
     return lambda a, b: a < b
@@ -86,6 +91,8 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
     best = {}
     for column in columns:
         better = _better(column)
+        if better is None:
+            continue
         for name in configs:
             if column in stats[name] and (column not in best or better(
                     stats[name][column][0], stats[best[column]][column][0])):
