@@ -12,7 +12,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from diverse.errors import DivergenceError, UserError
@@ -198,8 +198,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"train": cmd_train, "evaluate": cmd_evaluate, "report": cmd_report,
                 "compare": cmd_compare, "posterior": cmd_posterior}
+    return exit_code(lambda: commands[args.command](args))
+
+
+def exit_code(command: Callable[[], object]) -> int:
+    """Run a command; bad input → one line and 2, divergence → 1, Ctrl-C → 130, else 0."""
     try:
-        commands[args.command](args)
+        command()
     except UserError as err:
         print(f"diverse: error: {err}", file=sys.stderr)
         return 2

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from diverse.cli import add_run_arguments
-from diverse.errors import DivergenceError, UserError
+from diverse.cli import add_run_arguments, exit_code
+from diverse.errors import UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,14 +84,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        return _run(args)
-    except UserError as err:
-        print(f"diverse: error: {err}", file=sys.stderr)
-        return 2
-    except DivergenceError as err:
-        print(f"diverse: training diverged: {err}", file=sys.stderr)
-        return 1
+    status: list[int] = []
+    code = exit_code(lambda: status.append(_run(args)))
+    return code if code else (status[0] if status else 0)
 
 
 if __name__ == "__main__":
