@@ -49,6 +49,13 @@ def test_compare_runs_every_config_and_seed_then_reuses_and_resumes(tmp_path, ca
         assert float(r["auroc[uniform]"]) == pytest.approx(figures["ood"]["uniform"]["auroc"])
         config = (out / r["config"] / f"seed-{r['seed']}" / "config.toml").read_text()
         assert f"seed = {r['seed']}" in config
+        # training wall time = the sum of the run's epoch times in its checkpoint history
+        ckpt = out / r["config"] / f"seed-{r['seed']}" / "checkpoints"
+        manifest = json.loads((ckpt / "latest.json").read_text())["manifest"]
+        history = json.loads((ckpt / manifest).read_text())["history"]
+        assert len(history) == 2
+        assert float(r["train_seconds"]) == pytest.approx(sum(h["seconds"] for h in history))
+        assert float(r["train_seconds"]) > 0
     accs = [float(r["accuracy"]) for r in rows if r["config"] == "tiny_de"]
     assert accs[0] != accs[1]  # different seeds, different runs
     table = (out / "results.md").read_text()
@@ -77,7 +84,7 @@ def test_summary_table_marks_the_best_mean_per_column():
     assert table[2] == "| a | 2 | **0.8500 ± 0.0707** | 0.4000 ± 0.1414 |"
     assert table[3] == "| b | 2 | 0.7000 ± 0.0000 | **0.2000 ± 0.0000** |"
     # diversity / uncertainty columns are reported, never marked best
-    rows = [{"config": c, "seed": 0, "disagreement": v, "cka[act1]": v}
+    rows = [{"config": c, "seed": 0, "disagreement": v, "cka[act1]": v, "train_seconds": v}
             for c, v in (("a", 0.1), ("b", 0.2))]
     assert "**" not in summary_table(rows)
 

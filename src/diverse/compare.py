@@ -6,7 +6,8 @@ an interrupted one (it has a checkpoint) resumes, others start — so the whole
 comparison resumes after a crash. The results go to ``OUT/results.csv`` (one
 row per run) and ``OUT/results.md`` (mean ± std over seeds per config, the best
 mean per column in bold: higher is better for accuracy and AUROC/AUPR, lower
-for the rest).
+for the rest; diversity columns and ``train_seconds``, the training wall time,
+are not ranked).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from diverse.report import write_comparison_report
 
 HIGHER_IS_BETTER = ("accuracy", "auroc", "aupr")
 # member diversity and uncertainty: neither direction is "better" for every method
-DESCRIPTIVE = ("mutual_information", "disagreement", "cka")
+DESCRIPTIVE = ("mutual_information", "disagreement", "cka", "train_seconds")
 COLUMNS = ("accuracy", "nll", "ece", "ace", "brier", "mutual_information", "disagreement",
            "rmse", "calibration_error")
 
@@ -52,6 +53,21 @@ def run_to_completion(cfg: Config, run_dir: Path, finish: Callable[[Any, Path], 
     train(run, run_dir, resume=resume, show_progress=show_progress)
     finish(run, run_dir)
     return "resumed" if resume else "trained"
+
+
+def train_seconds(run_dir: Path) -> float | None:
+    """Training wall time of a run: the sum of its history's epoch ``seconds``.
+
+    Read from the newest checkpoint manifest (a resumed run counts each epoch
+    once); ``None`` when the run has no readable checkpoint.
+    """
+    folder = Path(run_dir) / "checkpoints"
+    try:
+        name = json.loads((folder / "latest.json").read_text())["manifest"]
+        history = json.loads((folder / name).read_text())["history"]
+        return float(sum(r["seconds"] for r in history))
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
 
 
 def flat_row(figures: dict[str, Any]) -> dict[str, float]:
@@ -133,8 +149,10 @@ def compare(configs: Sequence[str], seeds: int, out: Path, overrides: Sequence[s
             if show_progress:
                 print(f"[{i * seeds + seed + 1}/{total}] {stem} seed {seed}: {what}", flush=True)
             figures = json.loads((run_dir / "metrics.json").read_text())
+            seconds = train_seconds(run_dir)
             rows.append({"config": stem, "seed": seed, "run_dir": str(run_dir),
-                         **flat_row(figures)})
+                         **flat_row(figures),
+                         **({} if seconds is None else {"train_seconds": seconds})})
     columns = list(dict.fromkeys(k for r in rows for k in r))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns)
