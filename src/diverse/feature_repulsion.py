@@ -107,7 +107,7 @@ class HECKAConfig:
     hidden: int = 128
     code_dim: int = 32
     predict_members: int = 10
-    spread: float = 0.3
+    spread: float = 0.1
 
     def __post_init__(self) -> None:
         _choice("kernel", self.kernel, tuple(GRAM_KINDS))

@@ -107,7 +107,11 @@ class HyperNetConfig:
             target's init scale. s = 1: members start as independent inits and
             the mean network at 0 — measured on Fashion-MNIST LeNet, that does
             not train in 150 Adam steps (accuracy ≈ 0.1), while s = 0.3
-            reaches 0.75 (lr 1e-3). Default ``0.3``.
+            reaches 0.75 (lr 1e-3). After one epoch of HE-CKA training (LeNet,
+            5 networks per step, lr 2e-3, seed 0) s = 0.3 / 0.1 / 0.03 give
+            accuracy 0.839 / 0.845 / 0.848 and last-layer CKA between members
+            0.49 / 0.56 / 0.39: the diversity term, not the init, sets how far
+            members end apart. Default ``0.1``.
     """
 
     z_dim: int = 32
@@ -118,7 +122,7 @@ class HyperNetConfig:
     train_members: int = 5
     predict_members: int = 10
     seed: int = 0
-    spread: float = 0.3
+    spread: float = 0.1
 
     def __post_init__(self) -> None:
         for name in ("z_dim", "hidden", "depth", "code_dim", "train_members", "predict_members"):
