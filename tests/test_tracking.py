@@ -114,3 +114,25 @@ def test_bad_backend_and_missing_package_fail_before_the_run_dir(tmp_path, capsy
     err = capsys.readouterr().err
     assert "pip install 'diverse[tensorboard]'" in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_a_finished_run_evaluates_without_its_logging_package(tmp_path, capsys, monkeypatch):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[logging]\nbackend = "tensorboard"\n')
+    sets = [arg for s in TINY for arg in ("--set", s)]
+    run_dir = tmp_path / "run"
+    assert main(["train", str(cfg), *sets, "--out", str(run_dir), "--quiet"]) == 0
+    before = json.loads((run_dir / "metrics.json").read_text())
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
+        None if name == "tensorboard" else real_find_spec(name, *a)))
+    capsys.readouterr()
+    # evaluating reads the config (names checked) but logs nothing: no package needed
+    assert main(["evaluate", str(run_dir)]) == 0
+    after = json.loads((run_dir / "metrics.json").read_text())
+    assert after["accuracy"] == before["accuracy"] and after["nll"] == before["nll"]
+    # training (here: resuming the run) still needs it, and says so before touching the run
+    assert main(["train", "--resume", str(run_dir)]) == 2
+    assert "pip install 'diverse[tensorboard]'" in capsys.readouterr().err

@@ -196,7 +196,7 @@ def validate(cfg: Config) -> Config:
     _choice(cfg.train.device, ("auto", "cpu", "cuda"), "[train] device")
     _choice(cfg.train.precision, PRECISIONS, "[train] precision")
     _choice(cfg.likelihood.name, LIKELIHOODS, "[likelihood] name")
-    check_backend(cfg.logging)  # unknown backend or its package missing
+    check_backend(cfg.logging, packages=False)  # unknown backend (packages: build_run)
     positive = {
         "[ensemble] members": cfg.ensemble.members,
         "[train] batch_size": cfg.train.batch_size,

@@ -9,8 +9,9 @@ under its own name at step = epoch, and the resolved config as parameters.
 The packages are optional extras, imported only when selected:
 ``pip install 'diverse[tensorboard]'`` or ``pip install 'diverse[mlflow]'``
 (``mlflow-skinny`` is enough: runs go to a local file store, no server, no
-database). :func:`check_backend` runs when a config is validated, so a missing
-package fails before any run directory is created.
+database). A missing package fails when a training run is built, before any
+run directory is created; evaluating or reporting a finished run does not need
+it.
 
 MLflow notes: MLflow ≥ 3.7 refuses its file store unless
 ``MLFLOW_ALLOW_FILE_STORE=true`` (its database store needs SQLAlchemy, which
@@ -65,11 +66,16 @@ class LoggingConfig:
     tracking_dir: str = ""
 
 
-def check_backend(cfg: LoggingConfig) -> None:
-    """Raise :class:`UserError` for an unknown backend or a missing package."""
+def check_backend(cfg: LoggingConfig, packages: bool = True) -> None:
+    """Raise :class:`UserError` for an unknown backend or (``packages``) a missing package.
+
+    Config validation checks the names only (``packages=False``): a finished
+    run logged to MLflow can be evaluated where MLflow is not installed.
+    Training checks the package too, before it writes anything.
+    """
     if cfg.backend not in BACKENDS:
         raise UserError(f"[logging] backend = {cfg.backend!r}: allowed {', '.join(BACKENDS)}")
-    if cfg.backend in _REQUIRES:
+    if packages and cfg.backend in _REQUIRES:
         module, extra = _REQUIRES[cfg.backend]
         if importlib.util.find_spec(module) is None:
             raise UserError(f"[logging] backend = {cfg.backend!r} needs the {module!r} package: "

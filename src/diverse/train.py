@@ -48,7 +48,7 @@ from diverse.optim import (
 )
 from diverse.progress import Progress
 from diverse.samples import Samples, base_model, has_samples, load_samples, save_samples
-from diverse.tracking import NullTracker, open_tracker
+from diverse.tracking import NullTracker, check_backend, open_tracker
 
 PROGRESS_LOGS = ("driving_over_repulsion", "disagreement")  # method diagnostics shown live
 
@@ -93,14 +93,19 @@ class Run:
         return math.ceil(self.total_steps / self.steps_per_epoch)
 
 
-def build_run(cfg: Config, dataset: Dataset | None = None, comm: Comm | None = None) -> Run:
+def build_run(cfg: Config, dataset: Dataset | None = None, comm: Comm | None = None,
+              training: bool = True) -> Run:
     """Load data and build likelihood, ensemble, method and optimizer.
 
     Everything that can fail on bad input fails here, before a run directory
-    is created. ``comm`` defaults to the initialized default process group
+    is created (with ``training``, also a ``[logging]`` backend whose package
+    is missing; a finished run is rebuilt with ``training=False``). ``comm``
+    defaults to the initialized default process group
     (:func:`diverse.distributed.current`; one process if there is none): the
     ensemble then holds this rank's members only.
     """
+    if training:
+        check_backend(cfg.logging)
     comm = distributed.current() if comm is None else comm
     device = resolve_device(cfg.train.device)
     device = distributed.rank_device(device) if comm.size > 1 else device
@@ -323,7 +328,7 @@ def train(
 
 def load_trained(run_dir: Path, cfg: Config, dataset: Dataset | None = None) -> Run:
     """Rebuild a run from its config and load its latest checkpoint."""
-    run = build_run(cfg, dataset)
+    run = build_run(cfg, dataset, training=False)
     model_t, _optim, manifest = load_checkpoint(run_dir)
     run.ensemble.load_state_tensors({k: v.to(run.device) for k, v in model_t.items()})
     run.ensemble.execution = manifest["execution"]
