@@ -16,9 +16,10 @@ from pathlib import Path
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em;
        color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
+.wide { overflow-x: auto; margin: 0.5em 0 1.5em; }
+table { border-collapse: collapse; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; white-space: nowrap; }
+th:first-child, td:first-child { text-align: left; position: sticky; left: 0; background: #fff; }
 img { max-width: 100%; border: 1px solid #eee; }
 pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; }
 """
@@ -59,10 +60,13 @@ def markdown_to_html(markdown: str, base: Path, title: str) -> str:
                 i += 1
             i -= 1
             head, body = rows[0], [r for r in rows[1:] if not set("".join(r)) <= set("-: ")]
-            out.append("<table><thead><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head)
+            # a wide table (a comparison has dozens of columns) scrolls in its own box,
+            # cells on one line, the config column pinned
+            out.append('<div class="wide"><table><thead><tr>'
+                       + "".join(f"<th>{_inline(c)}</th>" for c in head)
                        + "</tr></thead><tbody>" + "".join(
                            "<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>"
-                           for r in body) + "</tbody></table>")
+                           for r in body) + "</tbody></table></div>")
         elif match := re.fullmatch(r"!\[(.*)\]\((.+)\)", line.strip()):
             out.append(f"<p>{_image(match.group(1), match.group(2), base)}</p>")
         elif line.strip():
