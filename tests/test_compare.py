@@ -8,6 +8,7 @@ import pytest
 
 from diverse.cli import main
 from diverse.compare import summary_table
+from diverse.config import load_config
 
 CONFIG = """[data]
 name = "digits"
@@ -73,6 +74,22 @@ def test_compare_runs_every_config_and_seed_then_reuses_and_resumes(tmp_path, ca
     assert main(["compare", *paths, "--seeds", "2", "--out", str(out),
                  "--set", "train.lr=0.02"]) == 2
     assert "holds a run of a different config" in capsys.readouterr().err
+    # an added OOD set changes no training: the finished runs are evaluated again
+    more_ood = ["--set", 'data.ood=["uniform", "gaussian"]']
+    assert main(["compare", *paths, "--seeds", "2", "--out", str(out), *more_ood]) == 0
+    assert capsys.readouterr().out.count(": re-evaluated") == 4
+    with open(out / "results.csv") as fh:
+        third = list(csv.DictReader(fh))
+    for before, after in zip(rows, third, strict=True):
+        for key in ("accuracy", "nll", "auroc[uniform]", "train_seconds"):
+            assert float(after[key]) == pytest.approx(float(before[key]), abs=1e-12), key
+        assert 0.0 <= float(after["auroc[gaussian]"]) <= 1.0  # a new column
+        run_dir = out / after["config"] / f"seed-{after['seed']}"
+        assert load_config(run_dir / "config.toml").data.ood == ("uniform", "gaussian")
+        figures = json.loads((run_dir / "metrics.json").read_text())
+        assert set(figures["ood"]) == {"uniform", "gaussian"}
+    assert main(["compare", *paths, "--seeds", "2", "--out", str(out), *more_ood]) == 0
+    assert capsys.readouterr().out.count(": reused") == 4
 
 
 def test_summary_table_marks_the_best_mean_per_column():

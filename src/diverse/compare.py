@@ -7,7 +7,8 @@ comparison resumes after a crash. The results go to ``OUT/results.csv`` (one
 row per run) and ``OUT/results.md`` (mean ± std over seeds per config, the best
 mean per column in bold: higher is better for accuracy and AUROC/AUPR, lower
 for the rest; diversity columns and ``train_seconds``, the training wall time,
-are not ranked).
+are not ranked). A finished run whose config differs only in ``[data] ood``
+is evaluated again with the new OOD sets instead of being retrained.
 """
 
 from __future__ import annotations
@@ -32,17 +33,47 @@ COLUMNS = ("accuracy", "nll", "ece", "ace", "brier", "mutual_information", "disa
            "rmse", "calibration_error")
 
 
+# keys that change what is evaluated, never what is trained (OOD sets are built
+# from the test inputs with their own seeded generators)
+EVALUATION_ONLY = (("data", "ood"),)
+
+
+def _training_part(config: dict[str, Any]) -> dict[str, Any]:
+    """A resolved config without its :data:`EVALUATION_ONLY` keys."""
+    out = {section: dict(values) if isinstance(values, dict) else values
+           for section, values in config.items()}
+    for section, key in EVALUATION_ONLY:
+        out.get(section, {}).pop(key, None)
+    return out
+
+
 def run_to_completion(cfg: Config, run_dir: Path, finish: Callable[[Any, Path], None],
                       show_progress: bool) -> str:
-    """Reuse, resume or start the run in ``run_dir``; returns what it did."""
-    from diverse.train import build_run, train
+    """Reuse, re-evaluate, resume or start the run in ``run_dir``; returns what it did.
+
+    A finished run whose config differs only in :data:`EVALUATION_ONLY` keys
+    (e.g. an OOD set added to ``[data] ood``) is evaluated again, not
+    retrained; any other difference is refused.
+    """
+    from diverse.train import build_run, load_trained, train
 
     saved = run_dir / "config.toml"
     # compared as resolved configs: keys added to the package since (with their
     # defaults) do not make an old run different
-    if saved.is_file() and config_to_dict(load_config(saved)) != config_to_dict(cfg):
-        raise UserError(f"{str(run_dir)!r} holds a run of a different config (its config.toml "
-                        "differs); use another --out or remove that run")
+    if saved.is_file():
+        old, new = config_to_dict(load_config(saved)), config_to_dict(cfg)
+        if old != new:
+            if _training_part(old) != _training_part(new):
+                raise UserError(f"{str(run_dir)!r} holds a run of a different config (its "
+                                "config.toml differs); use another --out or remove that run")
+            # metrics first: a crash below leaves a run that is evaluated again, never
+            # one whose figures belong to the old OOD sets
+            finished = (run_dir / "metrics.json").is_file()
+            (run_dir / "metrics.json").unlink(missing_ok=True)
+            atomic_write_text(saved, config_to_toml(cfg))
+            if finished:
+                finish(load_trained(run_dir, cfg), run_dir)
+                return "re-evaluated"
     if (run_dir / "metrics.json").is_file():
         return "reused"
     run = build_run(cfg)
