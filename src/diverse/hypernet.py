@@ -110,7 +110,7 @@ class HyperNetConfig:
             reaches 0.75 (lr 1e-3). After one epoch of HE-CKA training (LeNet,
             5 networks per step, lr 2e-3, seed 0) s = 0.3 / 0.1 / 0.03 give
             accuracy 0.839 / 0.845 / 0.848 and last-layer CKA between members
-            0.49 / 0.56 / 0.39: the diversity term, not the init, sets how far
+            0.47 / 0.56 / 0.39: the diversity term, not the init, sets how far
             members end apart. Default ``0.1``.
     """
 
