@@ -7,8 +7,8 @@ import statistics
 import pytest
 
 from diverse.cli import main
-from diverse.compare import summary_table
-from diverse.config import load_config
+from diverse.compare import _training_part, summary_table
+from diverse.config import config_to_dict, load_config
 
 CONFIG = """[data]
 name = "digits"
@@ -115,3 +115,13 @@ def test_compare_rejects_bad_input_before_running(tmp_path, capsys):
     assert "unknown method 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     assert main(["compare", str(good), "--seeds", "0", "--out", str(tmp_path / "o")]) == 2
+
+
+def test_prediction_members_and_ood_sets_are_evaluation_only():
+    base = ["data.name=digits", "method.name=hyper-he-cka"]
+    a = config_to_dict(load_config(None, base))
+    b = config_to_dict(load_config(None, [*base, "method.predict_members=20",
+                                          'data.ood=["uniform"]']))
+    c = config_to_dict(load_config(None, [*base, "method.spread=0.2"]))
+    assert a != b and _training_part(a) == _training_part(b)
+    assert _training_part(a) != _training_part(c)

@@ -180,3 +180,29 @@ def test_auto_choice_is_remembered_so_runs_repeat(tmp_path, monkeypatch):
     other = "loop" if choice == "vmap" else "vmap"
     (tmp_path / "execution.json").write_text(json.dumps({key: other}))
     assert Ensemble(factory, 2, execution="auto").resolved_execution(x) == other
+
+
+class _WithBuffers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+        self.register_buffer("count", torch.zeros(()))
+        self.register_buffer("codes", torch.randn(4), persistent=False)
+
+    def forward(self, x):
+        return self.fc(x) + self.codes[:2]
+
+
+def test_state_tensors_leave_out_derived_buffers_and_loading_ignores_old_extras():
+    ens = Ensemble(_WithBuffers, members=2, seed=0)
+    assert ens.derived_buffers == ("codes",)
+    state = ens.state_tensors()
+    assert set(state) == {"fc.weight", "fc.bias", "count"}
+    other = Ensemble(_WithBuffers, members=2, seed=1)
+    old = {**{k: v + 1 for k, v in state.items()}, "codes": torch.full((2, 4), 7.0)}
+    other.load_state_tensors(old)  # an older checkpoint that saved the derived buffer
+    for k in state:
+        torch.testing.assert_close(other.state_tensors()[k], state[k] + 1)
+    assert not torch.equal(other.buffers["codes"], torch.full((2, 4), 7.0))
+    with pytest.raises(UserError, match="checkpoint tensor 'count' does not match"):
+        other.load_state_tensors({k: v for k, v in state.items() if k != "count"})

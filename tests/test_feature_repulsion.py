@@ -161,3 +161,74 @@ def test_mutual_bnn_predicts_monte_carlo_draws_of_every_peer():
     assert pred.shape == (8, 100, 10)
     assert not torch.allclose(pred[0], pred[2])  # two draws of peer 0 differ
     torch.testing.assert_close(pred, predict_run(run, run.dataset.x_test)["probs"])  # seeded
+
+
+@pytest.mark.parametrize("key", ["spread=0.2", "z_dim=8", "predict_members=4"])
+def test_hypernetwork_keys_belong_to_hyper_he_cka_only(key):
+    name = key.split("=")[0]
+    for method in ("he-cka", "svgd-cka"):
+        with pytest.raises(UserError, match=f"unknown key \\[method\\] '{name}'"):
+            make(f"method.name={method}", f"method.{key}")
+    assert make("method.name=hyper-he-cka", f"method.{key}").ensemble.members == 1
+
+
+@pytest.mark.parametrize(("key", "message"), [
+    ("spread=0", "spread = 0.0: must be in \\(0, 1\\]"),
+    ("code_dim=1", "code_dim = 1: must be >= 2"),
+    ("predict_members=0", "predict_members = 0: must be >= 1"),
+])
+def test_hypernetwork_keys_are_checked(key, message):
+    with pytest.raises(UserError, match=message):
+        make("method.name=hyper-he-cka", f"method.{key}")
+
+
+def test_a_trained_hypernetwork_evaluates_with_any_number_of_members(tmp_path):
+    import json
+
+    import numpy as np
+
+    from diverse import metrics
+    from diverse.cli import main
+    from diverse.config import replace
+    from diverse.train import load_trained
+
+    run_dir = tmp_path / "hyper"
+    sets = [s for b in BASE for s in ("--set", b)]
+    args = [*sets, "--set", "method.name=hyper-he-cka", "--set", "method.predict_members=3",
+            "--set", 'data.ood=["uniform"]']
+    (tmp_path / "c.toml").write_text("")
+    assert main(["train", str(tmp_path / "c.toml"), *args, "--out", str(run_dir),
+                 "--quiet"]) == 0
+    cfg = load_config(run_dir / "config.toml")
+    trained = load_trained(run_dir, cfg)
+    three = predict_run(trained, trained.dataset.x_test)
+    assert three["probs"].shape == (3, 100, 10)
+    # the checkpoint holds the generator only: any K loads
+    five = load_trained(run_dir, replace(cfg, "method", predict_members=5))
+    assert five.ensemble.module.predict_codes.shape == (5, 32)
+    assert main(["evaluate", str(run_dir), "--predict-members", "6", "--quiet"]) == 0
+    with np.load(run_dir / "predictions.npz", allow_pickle=False) as npz:
+        probs, labels = torch.from_numpy(npz["probs"]), torch.from_numpy(npz["labels"])
+    assert probs.shape == (6, 100, 10)
+    assert load_config(run_dir / "config.toml").method.predict_members == 6
+    figures = json.loads((run_dir / "metrics.json").read_text())
+    assert figures["accuracy"] == pytest.approx(float(metrics.accuracy(probs, labels)))
+    # the generated networks are the trained ones: K = 3 again predicts as before
+    assert main(["evaluate", str(run_dir), "--predict-members", "3", "--quiet"]) == 0
+    with np.load(run_dir / "predictions.npz", allow_pickle=False) as npz:
+        np.testing.assert_allclose(npz["probs"], three["probs"].numpy(), rtol=1e-5, atol=1e-6)
+    assert main(["evaluate", str(run_dir), "--predict-members", "0"]) == 2
+
+
+def test_predict_members_is_refused_for_runs_that_do_not_generate_members(tmp_path, capsys):
+    from diverse.cli import main
+
+    run_dir = tmp_path / "de"
+    sets = [s for b in BASE for s in ("--set", b)]
+    (tmp_path / "c.toml").write_text("")
+    assert main(["train", str(tmp_path / "c.toml"), *sets, "--set", "data.ood=[]",
+                 "--out", str(run_dir), "--quiet"]) == 0
+    before = (run_dir / "config.toml").read_text()
+    assert main(["evaluate", str(run_dir), "--predict-members", "4"]) == 2
+    assert "only hyper-he-cka runs generate their members" in capsys.readouterr().err
+    assert (run_dir / "config.toml").read_text() == before

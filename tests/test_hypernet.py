@@ -188,12 +188,18 @@ def test_eval_is_deterministic_and_train_draws_fresh_members():
 
 def test_state_dict_round_trip_restores_predictions():
     _, hyper, shape = _make("mlp")
-    cfg = HyperNetConfig(**{**SMALL.__dict__, "seed": 5})
-    _, fresh, _ = _make("mlp", cfg, seed=3)
+    _, fresh, _ = _make("mlp", seed=3)  # another init, the same prediction codes
     x = torch.randn(4, *shape)
     assert (fresh.eval()(x) - hyper.eval()(x)).abs().max() > 1e-2
+    assert "predict_codes" not in hyper.state_dict()  # derived from the seed, not saved
     fresh.load_state_dict(hyper.state_dict())
     torch.testing.assert_close(fresh(x), hyper(x), rtol=0, atol=0)
+    # other codes (seed, K) over the same generator: other networks of the same model
+    cfg = HyperNetConfig(**{**SMALL.__dict__, "seed": 5, "predict_members": 2})
+    _, other, _ = _make("mlp", cfg, seed=3)
+    other.load_state_dict(hyper.state_dict())
+    assert other.eval()(x).shape[0] == 2
+    assert (other(x)[0] - hyper(x)[0]).abs().max() > 1e-3
 
 
 def test_gradients_reach_every_hypernetwork_parameter():

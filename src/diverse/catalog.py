@@ -31,6 +31,7 @@ from torch import nn
 
 from diverse.feature_repulsion import (
     HECKAConfig,
+    HyperHECKAConfig,
     SVGDCKAConfig,
     build_he_cka,
     build_hyper_he_cka,
@@ -81,7 +82,8 @@ METHODS: dict[str, MethodSpec] = {
     "forde": MethodSpec(FoRDEConfig, build_forde),
     "he-cka": MethodSpec(HECKAConfig, build_he_cka),
     "svgd-cka": MethodSpec(SVGDCKAConfig, build_svgd_cka),
-    "hyper-he-cka": MethodSpec(HECKAConfig, build_hyper_he_cka, wrap_hypernetwork, generator=True),
+    "hyper-he-cka": MethodSpec(HyperHECKAConfig, build_hyper_he_cka, wrap_hypernetwork,
+                               generator=True),
     "mutual-bnn": MethodSpec(MutualBNNConfig, build_mutual_bnn,
                              lambda cfg, module: wrap_mutual_peer(cfg.method, module)),
     "mc-dropout": MethodSpec(MCDropoutConfig, build_mc_dropout, wrap_mc_dropout,

@@ -69,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
                          "(0-180 deg) protocols on image data")
     ev.add_argument("--shift-examples", type=int, default=2000, metavar="N",
                     help="test images used by --shift (default 2000)")
+    ev.add_argument("--predict-members", type=int, default=None, metavar="K",
+                    help="hyper-he-cka runs: generate K networks for prediction (recorded "
+                         "in the run's config.toml)")
     ev.add_argument("--quiet", action="store_true")
     rp = sub.add_parser("report", help="write report.md and plots/ for a run")
     rp.add_argument("run_dir")
@@ -166,9 +169,24 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     cfg = load_config(run_dir / "config.toml")
     if args.ood is not None:
         cfg = replace(cfg, "data", ood=tuple(args.ood))
-    run = load_trained(run_dir, cfg)
     if args.shift_examples < 1:
         raise UserError(f"--shift-examples {args.shift_examples}: must be >= 1")
+    if args.predict_members is not None:
+        if not hasattr(cfg.method, "predict_members"):
+            raise UserError(f"--predict-members {args.predict_members}: only hyper-he-cka runs "
+                            f"generate their members; this run's method is {cfg.method.name!r}")
+        if args.predict_members < 1:
+            raise UserError(f"--predict-members {args.predict_members}: must be >= 1")
+        cfg = replace(cfg, "method", predict_members=args.predict_members)
+    run = load_trained(run_dir, cfg)
+    if args.predict_members is not None:
+        from diverse.checkpoint import atomic_write_text
+        from diverse.config import config_to_toml
+
+        saved = load_config(run_dir / "config.toml")  # the rest (e.g. ood) stays as saved
+        (run_dir / "metrics.json").unlink(missing_ok=True)  # never metrics of another K
+        atomic_write_text(run_dir / "config.toml", config_to_toml(
+            replace(saved, "method", predict_members=args.predict_members)))
     _finish(run, run_dir, args.quiet, args.ood, args.shift_examples if args.shift else 0)
 
 

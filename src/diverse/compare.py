@@ -35,7 +35,7 @@ COLUMNS = ("accuracy", "nll", "ece", "ace", "brier", "mutual_information", "disa
 
 # keys that change what is evaluated, never what is trained (OOD sets are built
 # from the test inputs with their own seeded generators)
-EVALUATION_ONLY = (("data", "ood"),)
+EVALUATION_ONLY = (("data", "ood"), ("method", "predict_members"))
 
 
 def _training_part(config: dict[str, Any]) -> dict[str, Any]:

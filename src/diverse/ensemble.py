@@ -110,6 +110,10 @@ class Ensemble:
         self.member_offset = member_offset
         self.params: Params = {k: v.to(device).requires_grad_(True) for k, v in params.items()}
         self.buffers: Params = {k: v.to(device) for k, v in buffers.items()}
+        persistent = set(skeleton.state_dict())
+        # non-persistent buffers are rebuilt by the factory (e.g. a hypernetwork's
+        # prediction codes, drawn from its seed): never saved, never loaded
+        self.derived_buffers: tuple[str, ...] = tuple(k for k in buffers if k not in persistent)
         self.execution = execution
         self._vmapped = {
             shared: vmap(
@@ -269,12 +273,21 @@ class Ensemble:
         return mod
 
     def state_tensors(self) -> dict[str, Tensor]:
-        """Parameters and buffers, stacked ``(M, ...)``, keyed by module name."""
-        return {**{k: v.detach() for k, v in self.params.items()}, **self.buffers}
+        """Parameters and persistent buffers, stacked ``(M, ...)``, keyed by module name.
+
+        Non-persistent buffers (``derived_buffers``) are left out: the factory
+        rebuilds them.
+        """
+        return {**{k: v.detach() for k, v in self.params.items()},
+                **{k: v for k, v in self.buffers.items() if k not in self.derived_buffers}}
 
     @torch.no_grad()
     def load_state_tensors(self, tensors: Mapping[str, Tensor]) -> None:
-        """Copy stacked tensors in (names and shapes must match exactly)."""
+        """Copy stacked tensors in.
+
+        Every tensor of :meth:`state_tensors` must be present with its shape;
+        other keys (e.g. a derived buffer an older version saved) are ignored.
+        """
         expected = {k: tuple(v.shape) for k, v in self.state_tensors().items()}
         got = {k: tuple(v.shape) for k, v in tensors.items() if k in expected}
         missing = sorted(set(expected) - set(got))
@@ -284,11 +297,9 @@ class Ensemble:
                 f"checkpoint tensor {bad!r} does not match the model: expected shape "
                 f"{expected.get(bad)}, found {got.get(bad, 'nothing')}"
             )
-        for k, v in tensors.items():
-            if k in self.params:
-                self.params[k].copy_(v)
-            elif k in self.buffers:
-                self.buffers[k].copy_(v)
+        for k in expected:
+            target = self.params[k] if k in self.params else self.buffers[k]
+            target.copy_(tensors[k])
 
 
 def capturing(

@@ -54,7 +54,7 @@ OUTPUT = "output"
 
 @dataclass(frozen=True)
 class HECKAConfig:
-    """``[method] name = "he-cka"`` (ensemble), ``"hyper-he-cka"`` (hypernetwork).
+    """``[method] name = "he-cka"``: an ensemble with HE-CKA feature repulsion.
 
     Defaults are the reference's LeNet / Dirty-MNIST settings
     (``configs/mnist/ens+ood/he-cossim.yml``).
@@ -81,9 +81,6 @@ class HECKAConfig:
         p_transformed: probability that an outlier is a transformed training
             image rather than a generated pattern (default 0.35).
         outlier_pool: training images kept as sources for transformed outliers (2048).
-        z_dim, hidden, code_dim, predict_members, spread: hypernetwork only (see
-            :class:`diverse.hypernet.HyperNetConfig`; ``[ensemble] members`` is the
-            number of networks generated per training step).
     """
 
     name: str = "he-cka"
@@ -103,11 +100,6 @@ class HECKAConfig:
     beta_ood: float = 1.5
     p_transformed: float = 0.35
     outlier_pool: int = 2048
-    z_dim: int = 32
-    hidden: int = 128
-    code_dim: int = 32
-    predict_members: int = 10
-    spread: float = 0.1
 
     def __post_init__(self) -> None:
         _choice("kernel", self.kernel, tuple(GRAM_KINDS))
@@ -120,9 +112,42 @@ class HECKAConfig:
                 raise UserError(f"[method] {key} = {getattr(self, key)}: must be >= 0")
         if not 0.0 <= self.p_transformed <= 1.0:
             raise UserError(f"[method] p_transformed = {self.p_transformed}: must be in [0, 1]")
-        for key in ("outlier_pool", "z_dim", "hidden", "code_dim", "predict_members"):
+        if self.outlier_pool < 1:
+            raise UserError(f"[method] outlier_pool = {self.outlier_pool}: must be >= 1")
+
+
+@dataclass(frozen=True)
+class HyperHECKAConfig(HECKAConfig):
+    """``[method] name = "hyper-he-cka"``: the HE-CKA fields plus the hypernetwork's.
+
+    ``[ensemble] members`` is the number of networks generated per training step.
+
+    Fields (see :class:`diverse.hypernet.HyperNetConfig`):
+        z_dim: latent dimension (32); hidden: trunk width (128); code_dim:
+            per-layer code dimension (32, >= 2).
+        predict_members: networks generated for prediction (10); ``diverse
+            evaluate RUN --predict-members K`` re-evaluates with another K.
+        spread: s in (0, 1], the share of the init that differs between
+            generated networks (0.1).
+    """
+
+    name: str = "hyper-he-cka"
+    z_dim: int = 32
+    hidden: int = 128
+    code_dim: int = 32
+    predict_members: int = 10
+    spread: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("z_dim", "hidden", "predict_members"):
             if getattr(self, key) < 1:
                 raise UserError(f"[method] {key} = {getattr(self, key)}: must be >= 1")
+        if self.code_dim < 2:
+            raise UserError(f"[method] code_dim = {self.code_dim}: must be >= 2 (codes are "
+                            "layer-normalized)")
+        if not 0.0 < self.spread <= 1.0:
+            raise UserError(f"[method] spread = {self.spread}: must be in (0, 1]")
 
 
 @dataclass(frozen=True)

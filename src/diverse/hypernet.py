@@ -243,7 +243,8 @@ class HyperNetwork(nn.Module):
             generates ``names[i]``).
         layers: the target layers (owning modules) that get one code each.
         feature_layers: the target's ``feature_layers`` (``()`` if it has none).
-        predict_codes: buffer ``(predict_members, z_dim)``, the eval-mode codes.
+        predict_codes: non-persistent buffer ``(predict_members, z_dim)``, the eval-mode
+            codes (rebuilt from ``seed``, never saved).
     """
 
     generates_members = True  # forward returns (K, B, ...): K generated members
@@ -290,8 +291,10 @@ class HyperNetwork(nn.Module):
         for i, (_, buf) in enumerate(target.named_buffers()):
             self.register_buffer(f"target_buffer_{i}", buf.detach().clone(), persistent=False)
         rng = torch.Generator().manual_seed(cfg.seed)
+        # derived from (seed, predict_members): not saved, so a trained
+        # hypernetwork can be rebuilt with any number of prediction members
         self.register_buffer("predict_codes", torch.randn(cfg.predict_members, cfg.z_dim,
-                                                          generator=rng))
+                                                          generator=rng), persistent=False)
         # the skeleton: structure only, no storage, not a submodule
         self._skeleton = (copy.deepcopy(target).to("meta"),)
         self._skeleton[0].train(self.training)
