@@ -174,8 +174,8 @@ def test_hypernetwork_keys_belong_to_hyper_he_cka_only(key):
 
 @pytest.mark.parametrize(("key", "message"), [
     ("spread=0", "spread = 0.0: must be in \\(0, 1\\]"),
-    ("code_dim=1", "code_dim = 1: must be >= 2"),
-    ("predict_members=0", "predict_members = 0: must be >= 1"),
+    ("code_dim=1", "code_dim = 1: must be an integer >= 2"),
+    ("predict_members=0", "predict_members = 0: must be an integer >= 1"),
 ])
 def test_hypernetwork_keys_are_checked(key, message):
     with pytest.raises(UserError, match=message):

@@ -140,14 +140,9 @@ class HyperHECKAConfig(HECKAConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for key in ("z_dim", "hidden", "predict_members"):
-            if getattr(self, key) < 1:
-                raise UserError(f"[method] {key} = {getattr(self, key)}: must be >= 1")
-        if self.code_dim < 2:
-            raise UserError(f"[method] code_dim = {self.code_dim}: must be >= 2 (codes are "
-                            "layer-normalized)")
-        if not 0.0 < self.spread <= 1.0:
-            raise UserError(f"[method] spread = {self.spread}: must be in (0, 1]")
+        # the hypernetwork's own rules, checked when the config is read
+        HyperNetConfig(z_dim=self.z_dim, hidden=self.hidden, code_dim=self.code_dim,
+                       predict_members=self.predict_members, spread=self.spread)
 
 
 @dataclass(frozen=True)
