@@ -183,7 +183,7 @@ def test_input_gradients_are_each_members_own():
 def test_pca_lengthscales_whiten_the_covariance():
     torch.manual_seed(0)
     x = torch.randn(2000, 3) @ torch.tensor([[2.0, 0, 0], [0.5, 1, 0], [0, 0, 0.1]])
-    metric = pca_lengthscales(x, alpha=1.0)
+    metric = pca_lengthscales(x, alpha=1.0, form="correlation")
     xs = (x - x.mean(0)) / x.std(0)
     cov = torch.cov(xs.T.double())
     lam = torch.linalg.eigvalsh(cov)

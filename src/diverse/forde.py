@@ -2,9 +2,17 @@
 
 Trinh, Heinonen, Acerbi & Kaski, "Input-gradient space particle inference for
 neural network ensembles" (ICLR 2024). Each member's true-label input gradient
-s_i(x_b) = ∇_x f_i(x_b)_{y_b} is normalized, ŝ = s/sqrt(‖s‖² + 1e-24), and
-measured in the metric Σ_α⁻¹ = (1 − α)I + αΛ of the training inputs' principal
-components (α = 1: "PCA lengthscales", the reference code; α = 0: identity).
+s_i(x_b) = ∇_x f_i(x_b)_{y_b} is, in the order of the reference code
+(AaltoPML/FoRDE ``train_forde.py``), projected on the eigenvectors U of the
+training inputs' second-moment matrix, normalized, ŝ = s/sqrt(‖s‖² + eps),
+and coordinate d scaled by sqrt(λ_d): the metric Σ_α⁻¹ = (1 − α)I + αΛ
+(α = 1: "PCA lengthscales", the reference code; α = 0: the identity
+metric; ``lengthscales = "identity"``: no projection, no scaling). U and λ follow the code's
+``calculate_pca.py`` by default: the *uncentred* second moment XᵀX/(N − 1)
+of the per-channel-normalized training inputs (``pca = "reference"``; see
+:func:`diverse.spaces.pca_lengthscales` for the centred ``"covariance"`` and
+per-pixel-standardized ``"correlation"`` options, which change the
+repulsion gradient substantially).
 Per example b, κ_ijb = exp(−‖ŝ_i(x_b) − sg(ŝ_j(x_b))‖² / h_jb) with
 h_jb = median_i d²_ijb / log M (self-distance included); k_ij = mean_b κ_ijb.
 The objective
@@ -19,6 +27,7 @@ tempering); ``repulsion_scale = "n"`` gives the posterior's 1/N.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +42,6 @@ from diverse.methods import Step, StepResult, gaussian_prior_penalty
 from diverse.spaces import (
     Lengthscales,
     identity_lengthscales,
-    input_gradient_embedding,
     input_gradients,
     pca_lengthscales,
 )
@@ -45,6 +53,23 @@ class FoRDEConfig:
 
     Fields:
         lengthscales: ``"pca"`` (default) or ``"identity"``.
+        pca: the matrix whose eigenpairs (U, λ) give the PCA lengthscales,
+            computed once from ``dataset.x_train`` (all training inputs the
+            method receives, unaugmented):
+            ``"reference"`` (default) the uncentred second moment XᵀX/(N − 1),
+            as the authors' ``calculate_pca.py`` (Trinh et al. 2024);
+            ``"covariance"`` the centred covariance XcᵀXc/(N − 1);
+            ``"correlation"`` the per-pixel-standardized correlation matrix
+            (this library's behaviour before ``pca`` existed). The code
+            normalizes the images by the data set's per-channel mean/std
+            first; ``[data] normalize = true`` (default) already does that
+            in the data pipeline (training-set per-channel statistics), so
+            ``"reference"`` must not and does not standardize again. With
+            ``normalize = false`` the moment is of the raw inputs (e.g.
+            pixels in [0, 1]), dominated even more by the mean image: not
+            the reference recipe.
+        eps: ŝ = s/sqrt(‖s‖² + eps) (default 1e-12, the reference code's
+            config value; the commands in its README pass 1e-24).
         alpha: α ∈ [0, 1] of Σ_α⁻¹ = (1 − α)I + αΛ (default 1, the reference
             code; ignored for identity lengthscales).
         repulsion_scale: ``"batch"`` (1/B, reference code, default) or ``"n"``.
@@ -55,6 +80,8 @@ class FoRDEConfig:
 
     name: str = "forde"
     lengthscales: str = "pca"
+    pca: str = "reference"
+    eps: float = 1e-12
     alpha: float = 1.0
     repulsion_scale: str = "batch"
     annealing: str = "constant"
@@ -82,10 +109,31 @@ def forde_repulsion(s: torch.Tensor, comm: Comm = SINGLE) -> tuple[torch.Tensor,
     return comm.local(k.sum(1).log()), logs
 
 
+PCA_FORMS = ("reference", "covariance", "correlation")
+
+
+def forde_embedding(grads: torch.Tensor, metric: Lengthscales, eps: float) -> torch.Tensor:
+    """Input gradients ``(M, B, ...)`` → FoRDE embeddings ``(M, B, D_in)``.
+
+    The reference order: project on U (if any), normalize
+    ŝ = s / sqrt(‖s‖² + eps), scale coordinate d by ``metric.scale``. U is
+    orthogonal, so projecting first leaves ‖s‖ unchanged.
+    """
+    s = grads.reshape(grads.shape[0], grads.shape[1], -1)
+    if metric.basis is not None:
+        s = s @ metric.basis
+    s = s / (s.square().sum(-1, keepdim=True) + eps).sqrt()
+    return s if metric.scale is None else s * metric.scale
+
+
 def build_forde(cfg: FoRDEConfig, dataset: Any = None) -> Callable[[Step], StepResult]:
     """The FoRDE update; PCA lengthscales are computed once from the training inputs."""
     if cfg.lengthscales not in ("pca", "identity"):
         raise UserError(f"[method] lengthscales = {cfg.lengthscales!r}: allowed pca, identity")
+    if cfg.pca not in PCA_FORMS:
+        raise UserError(f"[method] pca = {cfg.pca!r}: allowed {', '.join(PCA_FORMS)}")
+    if not (math.isfinite(cfg.eps) and cfg.eps > 0):
+        raise UserError(f"[method] eps = {cfg.eps}: must be > 0")
     if not 0.0 <= cfg.alpha <= 1.0:
         raise UserError(f"[method] alpha = {cfg.alpha}: must lie in [0, 1]")
     if cfg.repulsion_scale not in ("batch", "n"):
@@ -98,7 +146,7 @@ def build_forde(cfg: FoRDEConfig, dataset: Any = None) -> Callable[[Step], StepR
     if cfg.lengthscales == "pca":
         if dataset is None:
             raise UserError("[method] forde with PCA lengthscales needs the training data")
-        metric = pca_lengthscales(dataset.x_train, cfg.alpha)
+        metric = pca_lengthscales(dataset.x_train, cfg.alpha, cfg.pca)
 
     def update(step: Step) -> StepResult:
         ens, params = step.ensemble, step.ensemble.params
@@ -109,7 +157,7 @@ def build_forde(cfg: FoRDEConfig, dataset: Any = None) -> Callable[[Step], StepR
         a = cfg.driving_scale * anneal(cfg.annealing, step.progress, cycles=cfg.annealing_cycles)
         c = 1.0 / (len(step.x) if cfg.repulsion_scale == "batch" else step.n_train)
         grads_x, outputs = input_gradients(ens, params, step.x, step.y, create_graph=True)
-        s = input_gradient_embedding(grads_x, moved)
+        s = forde_embedding(grads_x, moved, cfg.eps)
         log_k, logs = forde_repulsion(s, step.comm)
         nll = step.likelihood.nll(outputs, step.y).mean(1)
         loss = nll + gaussian_prior_penalty(params, step.prior_std, step.n_train)

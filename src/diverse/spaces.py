@@ -45,9 +45,11 @@ def function_embedding(outputs: Tensor, output: str = "softmax") -> Tensor:
 class Lengthscales:
     """Input-space metric for input-gradient comparisons (FoRDE §3.3).
 
-    ``basis`` ``(D_in, D_in)`` holds the eigenvectors U of the covariance of
-    the standardized training inputs (columns), ``scale`` ``(D_in,)`` the
-    per-coordinate factor sqrt((1 − α) + α λ_d), i.e. Σ_α⁻¹ = (1 − α)I + αΛ:
+    ``basis`` ``(D_in, D_in)`` holds the eigenvectors U (columns) of the
+    training inputs' second-moment matrix in the form :func:`pca_lengthscales`
+    was asked for (the reference code's uncentred ``XᵀX/(N−1)`` by default),
+    ``scale`` ``(D_in,)`` the per-coordinate factor sqrt((1 − α) + α λ_d),
+    i.e. Σ_α⁻¹ = (1 − α)I + αΛ:
     α = 0 is the identity metric, α = 1 the reference code's PCA metric.
     """
 
@@ -65,18 +67,58 @@ def identity_lengthscales() -> Lengthscales:
     return Lengthscales(None, None)
 
 
-def pca_lengthscales(x_train: Tensor, alpha: float = 1.0) -> Lengthscales:
-    """PCA lengthscales from the training inputs ``(N, ...)`` (computed once).
+def pca_lengthscales(x_train: Tensor, alpha: float = 1.0, form: str = "reference",
+                     *, chunk: int = 4096) -> Lengthscales:
+    """PCA lengthscales from the training inputs ``(N, ...)``, computed once (FoRDE).
 
-    Inputs are standardized per feature, the covariance ``(D_in, D_in)`` is
-    eigendecomposed in float64; eigenvalues are clamped at 0.
+    Trinh, Heinonen, Acerbi & Kaski, "Input-gradient space particle inference
+    for neural network ensembles" (ICLR 2024), §3.3. A pure function of
+    ``x_train``: the inputs are flattened to X ``(N, D)`` and a second-moment
+    matrix ``A (D, D)`` is accumulated in float64 (``chunk`` rows at a time,
+    so no float64 copy of X is made), then ``A = U diag(λ) Uᵀ``
+    (``torch.linalg.eigh``; ``A`` is symmetric PSD, so this equals the SVD the
+    reference code uses). ``form``:
+
+    * ``"reference"``: ``A = XᵀX / (N − 1)``, the *uncentred* second moment,
+      with no per-feature centring or scaling. This is what the authors' code
+      (AaltoPML/FoRDE ``calculate_pca.py``: ``empcov``, then ``svd``) computes
+      on the training images normalized by the data set's per-channel
+      mean/std, so pass inputs that are already normalized per channel; the
+      top eigenvector is then close to the mean-image direction.
+    * ``"covariance"``: ``A = XcᵀXc / (N − 1)`` with ``Xc = X − mean(X)``
+      per feature (the centred covariance).
+    * ``"correlation"``: each feature also divided by its std (clamped at
+      1e-8): the correlation matrix, unit diagonal. This function's earlier
+      (and, for backward compatibility, still its default) behaviour;
+      FoRDE's config chooses ``"reference"`` by default.
+
+    Returns ``Lengthscales(U, sqrt((1 − α) + α λ))`` in ``x_train``'s dtype,
+    eigenvalues clamped at 0 and sorted in decreasing order like the SVD's
+    (α = 1: ``scale = sqrt(λ)``, the code's lengthscales; α = 0: ones).
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha = {alpha}: must lie in [0, 1]")
-    x = x_train.reshape(len(x_train), -1).double()
-    x = (x - x.mean(0)) / x.std(0).clamp_min(1e-8)
-    cov = x.T @ x / (len(x) - 1)
-    eigvals, eigvecs = torch.linalg.eigh(cov)
+    if form not in ("reference", "covariance", "correlation"):
+        raise ValueError(f"pca form {form!r}: allowed reference, covariance, correlation")
+    x = x_train.reshape(len(x_train), -1)
+    n, d = x.shape
+    if n < 2:
+        raise ValueError(f"pca_lengthscales needs at least 2 inputs, got {n}")
+    mean = None
+    if form != "reference":
+        mean = sum(x[i:i + chunk].double().sum(0) for i in range(0, n, chunk)) / n
+    second = torch.zeros(d, d, dtype=torch.float64, device=x.device)
+    for i in range(0, n, chunk):
+        rows = x[i:i + chunk].double()
+        if mean is not None:
+            rows = rows - mean
+        second.addmm_(rows.T, rows)
+    second /= n - 1
+    if form == "correlation":
+        std = second.diagonal().sqrt().clamp_min(1e-8)
+        second = second / std[:, None] / std[None, :]
+    eigvals, eigvecs = torch.linalg.eigh(second)
+    eigvals, eigvecs = eigvals.flip(0), eigvecs.flip(1)
     scale = ((1.0 - alpha) + alpha * eigvals.clamp_min(0.0)).sqrt()
     dtype = x_train.dtype
     return Lengthscales(eigvecs.to(dtype), scale.to(dtype))
@@ -101,12 +143,3 @@ def input_gradients(
     return grad, outputs
 
 
-def input_gradient_embedding(grads: Tensor, lengthscales: Lengthscales) -> Tensor:
-    """Input gradients ``(M, B, ...)`` → normalized, rescaled ``(M, B, D_in)``.
-
-    ŝ = s / sqrt(‖s‖² + 1e-24) (FoRDE reference), then the metric of
-    ``lengthscales``.
-    """
-    s = grads.reshape(grads.shape[0], grads.shape[1], -1)
-    s = s / (s.square().sum(-1, keepdim=True) + 1e-24).sqrt()
-    return lengthscales.apply(s)
