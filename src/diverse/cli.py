@@ -72,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--predict-members", type=int, default=None, metavar="K",
                     help="hyper-he-cka runs: generate K networks for prediction (recorded "
                          "in the run's config.toml)")
+    ev.add_argument("--conformal", action="append", type=float, default=[], metavar="ALPHA",
+                    help="print conformal coverage and set size at miscoverage ALPHA in (0, 1) "
+                         "(repeatable; calibrated on the run's validation split, [data] "
+                         "validation_fraction)")
     ev.add_argument("--quiet", action="store_true")
     rp = sub.add_parser("report", help="write report.md and plots/ for a run")
     rp.add_argument("run_dir")
@@ -93,25 +97,53 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _finish(run, run_dir: Path, quiet: bool, ood: list[str] | None = None,
-            shift: int = 0) -> None:
-    from diverse.evaluate import evaluate, write_evaluation
+            shift: int = 0, conformal_alphas: Sequence[float] = ()) -> None:
+    from diverse.conformal import ALPHAS
+    from diverse.evaluate import evaluate, fit_run_calibration, write_evaluation
     from diverse.report import write_report
 
-    figures, arrays = evaluate(run, ood)
+    alphas = sorted({*ALPHAS, *conformal_alphas})
+    calibration = fit_run_calibration(run)
+    figures, arrays = evaluate(run, ood, calibration, alphas)
     if shift > 0:
         from diverse.shift import shift_evaluation
 
         shift_figures, shift_arrays = shift_evaluation(run, n=shift, show_progress=not quiet)
         figures.update(shift_figures)
         arrays.update(shift_arrays)
-    write_evaluation(run_dir, figures, arrays)
+    write_evaluation(run_dir, figures, arrays, calibration)
     report = write_report(run_dir)
     if not quiet:
         keys = ("accuracy", "nll", "ece", "brier", "rmse")
         summary = " ".join(f"{k}={figures[k]:.4f}" for k in keys if k in figures)
         for name, row in figures.get("ood", {}).items():
             summary += f" auroc[{name}]={row['auroc']:.4f}"
-        print(f"{run_dir}: {summary}\nreport: {report}")
+        print(f"{run_dir}: {summary}")
+    if conformal_alphas:
+        print(conformal_summary(figures, conformal_alphas))
+    if not quiet:
+        print(f"report: {report}")
+
+
+def conformal_summary(figures: dict, alphas: Sequence[float]) -> str:
+    """The ``--conformal`` lines: coverage and set size (interval width) per level."""
+    conf = figures["conformal"]
+    lines = [f"conformal prediction (split conformal, {conf['validation_examples']} "
+             "validation examples):"]
+    for alpha in alphas:
+        key = f"{float(alpha):g}"
+        if "sets" in conf:
+            for score, table in conf["sets"].items():
+                row = table[key]
+                lines.append(f"  alpha={key} {score:>4}: coverage {row['coverage']:.4f} "
+                             f"(target {1 - alpha:.4f}, worst class "
+                             f"{row['worst_class_coverage']:.4f}), mean set size "
+                             f"{row['mean_size']:.3f}, empty {row['empty']:.4f}")
+        else:
+            row = conf["intervals"][key]
+            lines.append(f"  alpha={key} interval: coverage {row['coverage']:.4f} "
+                         f"(target {1 - alpha:.4f}), mean width {row['mean_width']:.4f}")
+    return "\n".join(lines)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -171,6 +203,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         cfg = replace(cfg, "data", ood=tuple(args.ood))
     if args.shift_examples < 1:
         raise UserError(f"--shift-examples {args.shift_examples}: must be >= 1")
+    for alpha in args.conformal:
+        if not 0 < alpha < 1:
+            raise UserError(f"--conformal {alpha}: the miscoverage level must be in (0, 1), "
+                            "e.g. 0.1 for 90% coverage")
+    if args.conformal and not cfg.data.validation_fraction > 0:
+        raise UserError(f"--conformal needs a validation split to calibrate on; {run_dir} was "
+                        "trained with [data] validation_fraction = 0 (train again with e.g. "
+                        "--set data.validation_fraction=0.1)")
     if args.predict_members is not None:
         if not hasattr(cfg.method, "predict_members"):
             raise UserError(f"--predict-members {args.predict_members}: only hyper-he-cka runs "
@@ -187,7 +227,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         (run_dir / "metrics.json").unlink(missing_ok=True)  # never metrics of another K
         atomic_write_text(run_dir / "config.toml", config_to_toml(
             replace(saved, "method", predict_members=args.predict_members)))
-    _finish(run, run_dir, args.quiet, args.ood, args.shift_examples if args.shift else 0)
+    _finish(run, run_dir, args.quiet, args.ood, args.shift_examples if args.shift else 0,
+            args.conformal)
 
 
 def cmd_compare(args: argparse.Namespace) -> None:

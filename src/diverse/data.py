@@ -64,8 +64,16 @@ class DataConfig:
             OOD set to its first n examples. Default ``0``: all.
         n_train: toys: number of training points. Default ``0``: the toy's default.
         noise_std: toys: observation / input noise std. Default ``-1.0``: the toy's default.
-        seed: seed of toy generation, the train-subset shuffle and noise OOD sets.
-            Default ``0``.
+        seed: seed of toy generation, the train-subset shuffle, the validation split and
+            noise OOD sets. Default ``0``.
+        near_ood: OOD set names counted as *near* OOD in the report, besides the
+            built-in table (:func:`diverse.ood.ood_group`). Default ``()``.
+        validation_fraction: in ``[0, 1)``: the fraction of the training examples (after
+            ``train_subset``) held out as a validation split, drawn by a permutation seeded
+            by ``seed``. Training never sees them; training-time evaluation uses them
+            instead of the test set, and post-hoc calibration (temperature scaling,
+            conformal prediction) is fitted on them. Normalization statistics come from
+            the remaining training examples. Default ``0.0``: no validation split.
     """
 
     name: str = "fashion-mnist"
@@ -77,11 +85,16 @@ class DataConfig:
     n_train: int = 0
     noise_std: float = -1.0
     seed: int = 0
+    validation_fraction: float = 0.0
+    near_ood: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for key in ("train_subset", "test_subset", "n_train"):
             if getattr(self, key) < 0:
                 raise UserError(f"[data] {key} = {getattr(self, key)} must be >= 0 (0: default)")
+        if not 0 <= self.validation_fraction < 1:
+            raise UserError(f"[data] validation_fraction = {self.validation_fraction}: must be in "
+                            "[0, 1) (0: no validation split)")
 
 
 @dataclass(frozen=True, eq=False)
@@ -97,6 +110,8 @@ class Dataset:
         num_outputs: number of classes, or regression output dimension D.
         ood: OOD set name -> float32 (K, *input_shape), normalized as ``x_train``.
         mean, std: per-channel (dim 1 of x) normalization applied; 0.0s and 1.0s if none.
+        x_val, y_val: the validation split (``[data] validation_fraction``), normalized as
+            ``x_train``; ``None`` when there is none.
     """
 
     name: str
@@ -109,6 +124,12 @@ class Dataset:
     ood: dict[str, Tensor]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    x_val: Tensor | None = None
+    y_val: Tensor | None = None
+
+    @property
+    def has_validation(self) -> bool:
+        return self.x_val is not None and len(self.x_val) > 0
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -505,9 +526,11 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     """Load ``cfg.name``, subset it, build ``cfg.ood`` sets, normalize.
 
     Order: raw loader -> train subset (seeded shuffle, first ``train_subset``) and test
-    subset (first ``test_subset``) -> OOD sets from the raw subsetted test inputs (capped
-    to ``test_subset`` when set) -> normalization by the training set's per-channel
-    mean/std, applied to train, test and every OOD set.
+    subset (first ``test_subset``) -> validation split (``validation_fraction`` of the
+    training examples, seeded permutation, at least one example) -> OOD sets from the raw
+    subsetted test inputs (capped to ``test_subset`` when set) -> normalization by the
+    remaining training set's per-channel mean/std, applied to train, validation, test and
+    every OOD set.
     """
     if cfg.name not in DATASETS:
         raise UserError(f"unknown dataset {cfg.name!r}; allowed: {', '.join(DATASETS)}")
@@ -519,6 +542,10 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         x_tr, y_tr = x_tr[keep], y_tr[keep]
     if cfg.test_subset > 0:
         x_te, y_te = x_te[: cfg.test_subset], y_te[: cfg.test_subset]
+    x_val = y_val = None
+    if cfg.validation_fraction > 0:
+        x_tr, y_tr, x_val, y_val = validation_split(x_tr, y_tr, cfg.validation_fraction,
+                                                    cfg.seed)
     ood = dict(d.ood)
     for name in ood_names(cfg):
         ood[name] = ood_sets.build_ood(name, cfg.name, x_te, cfg.seed, load_test_images)
@@ -528,6 +555,32 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     if cfg.normalize:
         mean, std = channel_stats(x_tr)
         x_tr, x_te = normalize(x_tr, mean, std), normalize(x_te, mean, std)
+        x_val = None if x_val is None else normalize(x_val, mean, std)
         ood = {k: normalize(v, mean, std) for k, v in ood.items()}
     return Dataset(d.name, d.task, x_tr.contiguous(), y_tr, x_te.contiguous(), y_te,
-                   d.num_outputs, ood, mean, std)
+                   d.num_outputs, ood, mean, std,
+                   None if x_val is None else x_val.contiguous(), y_val)
+
+
+#: Stream of the validation permutation (the train-subset shuffle uses the plain seed).
+_VALIDATION_STREAM = 7_777
+
+
+def validation_split(x: Tensor, y: Tensor, fraction: float, seed: int
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(x_train, y_train, x_val, y_val)``: ``⌈fraction · N⌉`` examples held out at random.
+
+    The permutation is seeded by ``seed`` on a stream of its own; the kept training
+    examples stay in their original order. At least one example stays on each side.
+    """
+    n = len(x)
+    held = min(max(1, math.ceil(fraction * n)), n - 1)
+    if n < 2:
+        raise UserError(f"[data] validation_fraction = {fraction}: {n} training example(s) "
+                        "cannot be split")
+    g = torch.Generator().manual_seed(seed * 1_000_003 + _VALIDATION_STREAM)
+    perm = torch.randperm(n, generator=g)
+    val = perm[:held]
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[val] = False
+    return x[keep], y[keep], x[val], y[val]

@@ -3,14 +3,18 @@
 Classification: accuracy, NLL of the ensemble mean, ECE (15 bins), adaptive
 ECE, Brier, entropies, mutual information, disagreement, per-member accuracy
 and NLL, the ensemble-size curve (``ensemble_size``: the metrics of the first
-k members, k = 1..M), and for each OOD set the detection figures with the predictive
-entropy as score (``ood``) and with the mutual information
-(``ood_mutual_information``). Regression: RMSE, the mixture's Gaussian NLL,
-calibration error and mean predictive std.
+k members, k = 1..M), for each OOD set the detection figures of every
+uncertainty score (``ood_scores``; :mod:`diverse.confidence`), their near/far
+group (``ood_groups``) and the predictive-entropy row as the headline
+(``ood``), and selective classification with every score (``selective``:
+AURC, E-AURC, AUGRC, accuracy at 50/80/90/95% coverage). Regression: RMSE, the
+mixture's Gaussian NLL, calibration error and mean predictive std. With a
+validation split, post-hoc calibration fitted on it (temperature scaling or std
+scaling, conformal sets or intervals: :mod:`diverse.posthoc`).
 
-``predictions.npz`` holds ``probs (M, N, C)`` and ``labels (N,)`` (and
-``ood_probs_<set> (M, K, C)``), or for regression ``means``/``stds``
-``(M, N, D)``, ``targets`` and ``inputs``.
+``predictions.npz`` holds ``probs`` and ``logits (S, N, C)`` and ``labels (N,)`` (and
+``ood_probs_<set>``, ``ood_logits_<set> (S, K, C)``), or for regression ``means``/``stds``
+``(S, N, D)``, ``targets`` and ``inputs``.
 
 For the report's plots, classification runs also get what only the model can
 give, so ``diverse report`` rebuilds every figure from the run directory:
@@ -36,11 +40,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diverse import metrics
+from diverse import conformal, metrics
 from diverse.catalog import predict_samples
 from diverse.checkpoint import atomic_save_npz, atomic_write_json
 from diverse.data import Dataset, denormalize, normalize
 from diverse.ensemble import evaluating
+from diverse.ood import ood_group
+from diverse.posthoc import (
+    Calibration,
+    calibration_figures,
+    fit_calibration,
+    ood_figures,
+    remove_calibration,
+    save_calibration,
+    selective_figures,
+)
 from diverse.train import Run, predict_run
 
 
@@ -298,39 +312,60 @@ def training_outlier_examples(run: Run, count: int = 32) -> np.ndarray:
     return _raw_inputs(x, run.dataset).clamp(0, 1).numpy()
 
 
-def evaluate(run: Run, ood_names: list[str] | None = None) -> tuple[dict[str, Any],
-                                                                    dict[str, np.ndarray]]:
+def fit_run_calibration(run: Run) -> Calibration | None:
+    """Temperatures / std scale and conformal scores fitted on the run's validation
+    split (:func:`diverse.posthoc.fit_calibration`); ``None`` without one."""
+    data = run.dataset
+    if not data.has_validation:
+        return None
+    return fit_calibration(predict_run(run, data.x_val), data.y_val)
+
+
+def evaluate(run: Run, ood_names: list[str] | None = None,
+             calibration: Calibration | None = None,
+             alphas: Sequence[float] = conformal.ALPHAS
+             ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Metrics and prediction arrays of the run's ensemble on the test (and OOD) sets.
 
     ``ood_names`` restricts the OOD sets to those named (default: all loaded).
+    With a ``calibration`` (:func:`fit_run_calibration`), the figures gain
+    ``temperature_scaling`` / ``std_scaling`` and ``conformal`` at the levels
+    ``alphas`` (:func:`diverse.posthoc.calibration_figures`).
     """
     data = run.dataset
     pred = predict_run(run, data.x_test)
     samples = next(iter(pred.values())).shape[0]
     out: dict[str, Any] = {"method": run.cfg.method.name, "members": run.cfg.ensemble.members,
                            "predictive_samples": samples,
-                           "dataset": data.name, "n_test": len(data.x_test)}
+                           "dataset": data.name, "n_test": len(data.x_test),
+                           "n_validation": len(data.x_val) if data.has_validation else 0}
     arrays: dict[str, np.ndarray] = {}
     if data.task == "classification":
-        probs, labels = pred["probs"], data.y_test
+        probs, logits, labels = pred["probs"], pred.get("logits"), data.y_test
         out.update(metrics.classification_metrics(probs, labels))
         out.update(member_figures(probs, labels))
         arrays["probs"] = probs.float().numpy()
         arrays["labels"] = labels.numpy()
-        out["ood"], out["ood_mutual_information"] = {}, {}
+        if logits is not None:
+            arrays["logits"] = logits.float().numpy()
         names = list(data.ood) if ood_names is None else ood_names
+        ood: dict[str, tuple[Tensor, Tensor | None]] = {}
         for name in names:
-            probs_out = predict_run(run, data.ood[name])["probs"]
-            out["ood"][name] = metrics.ood_metrics(probs, probs_out, score="entropy")
-            out["ood_mutual_information"][name] = metrics.ood_metrics(
-                probs, probs_out, score="mutual_information")
-            arrays[f"ood_probs_{name}"] = probs_out.float().numpy()
-        out["ensemble_size"] = ensemble_size_curve(
-            probs, labels, {k[len("ood_probs_"):]: torch.from_numpy(v)
-                            for k, v in arrays.items() if k.startswith("ood_probs_")})
+            pred_out = predict_run(run, data.ood[name])
+            ood[name] = (pred_out["probs"], pred_out.get("logits"))
+            arrays[f"ood_probs_{name}"] = pred_out["probs"].float().numpy()
+            if "logits" in pred_out:
+                arrays[f"ood_logits_{name}"] = pred_out["logits"].float().numpy()
+        by_score = ood_figures(probs, logits, ood)
+        out["ood"] = {name: by_score[name]["entropy"] for name in names}  # the headline score
+        out["ood_scores"] = by_score
+        out["ood_groups"] = {name: ood_group(name, data.name, run.cfg.data.near_ood)
+                             for name in names}
+        out["selective"] = selective_figures(probs, logits, labels)
+        out["ensemble_size"] = ensemble_size_curve(probs, labels,
+                                                   {k: v[0] for k, v in ood.items()})
         report_figures, report_arrays = similarity_and_examples(
-            run, probs, {k[len("ood_probs_"):]: torch.from_numpy(v)
-                         for k, v in arrays.items() if k.startswith("ood_probs_")})
+            run, probs, {k: v[0] for k, v in ood.items()})
         out.update(report_figures)
         arrays.update(report_arrays)
     else:
@@ -343,12 +378,23 @@ def evaluate(run: Run, ood_names: list[str] | None = None) -> tuple[dict[str, An
         if data.x_train.shape[1:] == (1,):
             arrays["train_inputs"] = _raw_inputs(data.x_train, data).numpy()
             arrays["train_targets"] = data.y_train.numpy()
+    if calibration is not None:
+        out.update(calibration_figures(calibration, pred, data.y_test, alphas))
     return out, arrays
 
 
-def write_evaluation(run_dir: Path, figures: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-    atomic_save_npz(Path(run_dir) / "predictions.npz", arrays)
-    atomic_write_json(Path(run_dir) / "metrics.json", figures)
+def write_evaluation(run_dir: Path, figures: dict[str, Any], arrays: dict[str, np.ndarray],
+                     calibration: Calibration | None = None) -> None:
+    """``predictions.npz``, the calibration files (or their removal) and, last,
+    ``metrics.json`` (whose presence marks a finished evaluation)."""
+    run_dir = Path(run_dir)
+    (run_dir / "metrics.json").unlink(missing_ok=True)
+    atomic_save_npz(run_dir / "predictions.npz", arrays)
+    if calibration is None:
+        remove_calibration(run_dir)
+    else:
+        save_calibration(run_dir, calibration)
+    atomic_write_json(run_dir / "metrics.json", figures)
 
 
 def read_metrics(run_dir: Path) -> dict[str, Any]:

@@ -55,8 +55,13 @@ class Categorical:
         return -logp.gather(-1, index).squeeze(-1)
 
     def predict(self, outputs: Tensor) -> dict[str, Tensor]:
-        """``(M, B, C)`` logits → ``{"probs": (M, B, C)}``."""
-        return {"probs": outputs.softmax(-1)}
+        """``(M, B, C)`` logits → ``{"probs": (M, B, C), "logits": (M, B, C)}``.
+
+        The logits are kept for the scores that need them (energy, max logit,
+        calibrate-then-pool temperature scaling: :mod:`diverse.confidence`,
+        :mod:`diverse.calibration`).
+        """
+        return {"probs": outputs.softmax(-1), "logits": outputs}
 
     def correct(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Per-member correctness ``(M, B)`` (float) for progress display."""

@@ -79,6 +79,32 @@ def resize_images(x: Tensor, shape: tuple[int, ...]) -> Tensor:
     return x.float().contiguous()
 
 
+_MNIST_LIKE = ("mnist", "fashion-mnist", "digits")
+_CIFAR_LIKE = ("cifar10", "cifar100")
+_TRANSFORMED = ("rotated", "flipped", "synthetic")
+#: In-distribution data set -> the OOD sets counted as *near* OOD (the rest are *far*).
+#: After OpenOOD v1.5 (Zhang et al. 2023): semantically close data sets of the same
+#: kind are near (MNIST-like vs MNIST-like, CIFAR-10 vs CIFAR-100), noise and other
+#: kinds of image are far; transformed test images and synthetic outliers (built
+#: from test images) are near.
+NEAR_OOD: dict[str, tuple[str, ...]] = {
+    **{name: tuple(n for n in _MNIST_LIKE if n != name) + _TRANSFORMED for name in _MNIST_LIKE},
+    **{name: tuple(n for n in _CIFAR_LIKE if n != name) + _TRANSFORMED for name in _CIFAR_LIKE},
+}
+
+
+def ood_group(name: str, dataset: str, near: tuple[str, ...] = ()) -> str:
+    """``"near"`` or ``"far"``: how OOD set ``name`` relates to in-distribution ``dataset``.
+
+    :data:`NEAR_OOD` decides (transformed test images and synthetic outliers are near
+    for any data set); ``near`` names further sets to count as near
+    (``[data] near_ood``, e.g. a user's ``npz`` set).
+    """
+    if name in near or name in NEAR_OOD.get(dataset, _TRANSFORMED):
+        return "near"
+    return "far"
+
+
 def digits_images() -> Tensor:
     """scikit-learn's digits as float32 (1797, 1, 8, 8) in [0, 1] (pixel / 16)."""
     from sklearn.datasets import load_digits  # lazy: importing scikit-learn takes seconds

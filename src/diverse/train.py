@@ -198,17 +198,23 @@ def predict_run(run: Run, x: Tensor, batch_size: int = 1000) -> dict[str, Tensor
 
 
 def held_out_figures(run: Run) -> dict[str, float]:
-    """Quick held-out figures logged every ``eval_every`` epochs."""
-    pred = predict_run(run, run.dataset.x_test)
+    """Quick held-out figures logged every ``eval_every`` epochs.
+
+    On the validation split when the data has one (``val_*`` keys), else on the
+    test set (``test_*`` keys).
+    """
+    data = run.dataset
+    split, x, y = (("val", data.x_val, data.y_val) if data.has_validation
+                   else ("test", data.x_test, data.y_test))
+    pred = predict_run(run, x)
     samples = predict_samples(run.cfg.method)  # sharded: every member's predictions
     pred = {k: run.comm.gather_samples(v, samples) for k, v in pred.items()}
-    y = run.dataset.y_test
     if "probs" in pred:
-        return {"test_accuracy": float(metrics.accuracy(pred["probs"], y)),
-                "test_nll": float(metrics.nll(pred["probs"], y))}
+        return {f"{split}_accuracy": float(metrics.accuracy(pred["probs"], y)),
+                f"{split}_nll": float(metrics.nll(pred["probs"], y))}
     means, stds = pred["means"][..., 0], pred["stds"][..., 0]
-    return {"test_rmse": float(metrics.rmse(means, y[:, 0])),
-            "test_nll": float(metrics.gaussian_mixture_nll(means, stds, y[:, 0]))}
+    return {f"{split}_rmse": float(metrics.rmse(means, y[:, 0])),
+            f"{split}_nll": float(metrics.gaussian_mixture_nll(means, stds, y[:, 0]))}
 
 
 def train(
