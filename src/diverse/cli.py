@@ -1,4 +1,4 @@
-"""Command line: ``diverse train | evaluate | report | compare | posterior``.
+"""Command line: ``diverse train | evaluate | predict | report | compare | posterior``.
 
 Bad input (config keys, types, names, missing files or data) exits with code 2
 and one line on stderr, before any run directory is created. A diverging run
@@ -77,6 +77,19 @@ def _parser() -> argparse.ArgumentParser:
                          "(repeatable; calibrated on the run's validation split, [data] "
                          "validation_fraction)")
     ev.add_argument("--quiet", action="store_true")
+    pr = sub.add_parser("predict", help="predict on new inputs (.npz with an array x, in the "
+                        "units of the training data) with a trained run")
+    pr.add_argument("run_dir")
+    pr.add_argument("inputs", metavar="INPUTS.npz")
+    pr.add_argument("--out", required=True, metavar="PRED.npz",
+                    help="where to write probs/logits/mean/entropy/mutual_information "
+                         "(regression: means/stds/mean/std)")
+    pr.add_argument("--calibration", choices=("pooled", "members", "std"), default=None,
+                    help="apply the run's fitted temperature (pooled or members) or std scale")
+    pr.add_argument("--conformal", action="append", type=float, default=[], metavar="ALPHA",
+                    help="add conformal prediction sets (intervals) at miscoverage ALPHA")
+    pr.add_argument("--score", choices=("lac", "aps", "raps"), default="aps",
+                    help="conformal score of the sets (default aps)")
     rp = sub.add_parser("report", help="write report.md and plots/ for a run")
     rp.add_argument("run_dir")
     cp = sub.add_parser("compare", help="run configs x seeds (resumable) and tabulate them")
@@ -231,6 +244,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             args.conformal)
 
 
+def cmd_predict(args: argparse.Namespace) -> None:
+    from diverse.predictor import predict_file
+
+    summary = predict_file(Path(args.run_dir), Path(args.inputs), Path(args.out),
+                           args.calibration, tuple(args.conformal), args.score)
+    print(f"{args.out}: {summary['examples']} examples ({', '.join(summary['keys'])})")
+
+
 def cmd_compare(args: argparse.Namespace) -> None:
     from diverse.compare import compare
 
@@ -255,7 +276,8 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "report": cmd_report,
+    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
+                "report": cmd_report,
                 "compare": cmd_compare, "posterior": cmd_posterior}
     return exit_code(lambda: commands[args.command](args))
 

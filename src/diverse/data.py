@@ -17,7 +17,9 @@ subsets, builds the OOD sets (:mod:`diverse.ood`) and normalizes.
 # No `from __future__ import annotations`: DataConfig field types stay real types for
 # the TOML -> dataclass converter.
 import codecs
+import dataclasses
 import gzip
+import json
 import math
 import os
 import pickle
@@ -35,6 +37,7 @@ import torch
 from torch import Tensor
 
 from diverse import ood as ood_sets
+from diverse.checkpoint import atomic_write_json
 from diverse.errors import UserError
 from diverse.toys import TOYS
 
@@ -584,3 +587,45 @@ def validation_split(x: Tensor, y: Tensor, fraction: float, seed: int
     keep = torch.ones(n, dtype=torch.bool)
     keep[val] = False
     return x[keep], y[keep], x[val], y[val]
+
+
+# ---------------------------------------------------------------- what prediction needs
+
+DATA_SPEC_FILE = "data.json"
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What predicting on new inputs needs of a data set: no examples.
+
+    Attributes:
+        name, task, num_outputs, mean, std: as :class:`Dataset`.
+        input_shape: the shape of one input, e.g. ``(1, 28, 28)``.
+    """
+
+    name: str
+    task: str
+    input_shape: tuple[int, ...]
+    num_outputs: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def data_spec(dataset: Dataset) -> DataSpec:
+    return DataSpec(dataset.name, dataset.task, dataset.input_shape, dataset.num_outputs,
+                    tuple(dataset.mean), tuple(dataset.std))
+
+
+def write_data_spec(run_dir: Path, dataset: Dataset) -> None:
+    """``RUN/data.json``: the :class:`DataSpec` of the training data (atomic)."""
+    atomic_write_json(Path(run_dir) / DATA_SPEC_FILE, dataclasses.asdict(data_spec(dataset)))
+
+
+def read_data_spec(run_dir: Path) -> DataSpec | None:
+    """The run's :class:`DataSpec`, or ``None`` for a run trained before it was written."""
+    path = Path(run_dir) / DATA_SPEC_FILE
+    if not path.is_file():
+        return None
+    raw = json.loads(path.read_text())
+    return DataSpec(raw["name"], raw["task"], tuple(raw["input_shape"]), int(raw["num_outputs"]),
+                    tuple(raw["mean"]), tuple(raw["std"]))

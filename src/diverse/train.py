@@ -32,7 +32,7 @@ from diverse import samples as sample_set
 from diverse.catalog import METHODS, predict_samples
 from diverse.checkpoint import load_checkpoint, save_checkpoint
 from diverse.config import Config, config_to_dict
-from diverse.data import Dataset, load_dataset
+from diverse.data import Dataset, load_dataset, write_data_spec
 from diverse.distributed import SINGLE, Comm
 from diverse.ensemble import Ensemble, evaluating
 from diverse.errors import DivergenceError, UserError
@@ -122,12 +122,29 @@ def build_run(cfg: Config, dataset: Dataset | None = None, comm: Comm | None = N
     distributed.check_sharding(comm, cfg.method, cfg.train.prior_std, probe)
 
     spec = METHODS[cfg.method.name]
+    ensemble = build_ensemble(cfg, dataset.input_shape, outputs, device, comm)
+    t = cfg.train
+    update = spec.build(cfg.method, dataset)
+    optimizer = build_optimizer(
+        list(ensemble.params.values()), t.optimizer, t.lr, momentum=t.momentum,
+        nesterov=t.nesterov, betas=(t.betas[0], t.betas[1]), weight_decay=t.weight_decay,
+    )
+    return Run(cfg, dataset, likelihood, ensemble, update, optimizer, device, comm)
+
+
+def build_ensemble(cfg: Config, input_shape: tuple[int, ...], outputs: int,
+                   device: torch.device, comm: Comm = SINGLE) -> Ensemble:
+    """The run's (this rank's) members, initialized from the seed, with the
+    method's model wrapper and the configured precision / compilation.
+
+    A generator method (hypernetwork) is one stacked slot producing K members.
+    """
+    spec = METHODS[cfg.method.name]
 
     def factory() -> torch.nn.Module:
-        module = build_model(cfg.model, dataset.input_shape, outputs)
+        module = build_model(cfg.model, input_shape, outputs)
         return module if spec.wrap_model is None else spec.wrap_model(cfg, module)
 
-    # a generator method (hypernetwork) is one stacked slot producing K members
     slots = 1 if spec.generator else cfg.ensemble.members
     execution = "loop" if spec.generator else cfg.ensemble.execution  # one slot: nothing to vmap
     offset, count = comm.shard(slots)
@@ -136,12 +153,7 @@ def build_run(cfg: Config, dataset: Dataset | None = None, comm: Comm | None = N
     t = cfg.train
     precision.configure(ensemble, t.precision, t.compile, cfg.method.name,
                         notify=None if comm.rank == 0 else lambda _text: None)
-    update = spec.build(cfg.method, dataset)
-    optimizer = build_optimizer(
-        list(ensemble.params.values()), t.optimizer, t.lr, momentum=t.momentum,
-        nesterov=t.nesterov, betas=(t.betas[0], t.betas[1]), weight_decay=t.weight_decay,
-    )
-    return Run(cfg, dataset, likelihood, ensemble, update, optimizer, device, comm)
+    return ensemble
 
 
 PREDICT_SEED = 20_261_123  # Monte Carlo prediction draws are seeded: evaluation is repeatable
@@ -242,6 +254,8 @@ def train(
         load_optimizer_tensors(run.optimizer, list(ens.params), optim_t)
         ens.execution = manifest["execution"]
         step, start_epoch, history = manifest["step"], manifest["epoch"] + 1, manifest["history"]
+    if lead:  # what prediction needs of the data, so a run predicts without it
+        write_data_spec(run_dir, data)
     x_train = data.x_train.to(run.device)
     y_train = data.y_train.to(run.device)
     n, spe, total = len(x_train), run.steps_per_epoch, run.total_steps
