@@ -198,7 +198,7 @@ def test_comparison_report_overlays_configs_and_tabulates_similarity(tmp_path):
             runs[name].append(run_dir)
     path = write_comparison_report(tmp_path, runs, "| config | accuracy |\n|---|---|\n")
     text = path.read_text()
-    for png in ("reliability", "confidence", "entropy_ood"):
+    for png in ("reliability", "confidence", "entropy_ood", "risk_coverage"):
         assert f"(plots/{png}.png)" in text
         assert (tmp_path / "plots" / f"{png}.png").read_bytes()[:8] == PNG
     for name, dirs in runs.items():
@@ -210,4 +210,4 @@ def test_comparison_report_overlays_configs_and_tabulates_similarity(tmp_path):
             ckas.append(np.array(figures["cka"]["matrix"], dtype=float)[off].mean())
         assert f"| {name} | {np.mean(distances):.4f} | {np.mean(ckas):.4f} |" in text
     page = (tmp_path / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3 and "<table>" in page
+    assert page.count("data:image/png;base64,") == 4 and "<table>" in page

@@ -28,14 +28,15 @@ from diverse.report import write_comparison_report
 
 HIGHER_IS_BETTER = ("accuracy", "auroc", "aupr")
 # member diversity and uncertainty: neither direction is "better" for every method
-DESCRIPTIVE = ("mutual_information", "disagreement", "cka", "train_seconds")
+DESCRIPTIVE = ("mutual_information", "disagreement", "cka", "train_seconds", "coverage",
+               "worst_class_coverage", "temperature", "std_scale")
 COLUMNS = ("accuracy", "nll", "ece", "ace", "brier", "mutual_information", "disagreement",
            "rmse", "calibration_error")
 
 
 # keys that change what is evaluated, never what is trained (OOD sets are built
 # from the test inputs with their own seeded generators)
-EVALUATION_ONLY = (("data", "ood"), ("method", "predict_members"))
+EVALUATION_ONLY = (("data", "ood"), ("data", "near_ood"), ("method", "predict_members"))
 
 
 def _training_part(config: dict[str, Any]) -> dict[str, Any]:
@@ -102,14 +103,77 @@ def train_seconds(run_dir: Path) -> float | None:
 
 
 def flat_row(figures: dict[str, Any]) -> dict[str, float]:
-    """The scalar metrics of one run, with OOD figures as ``auroc[set]`` etc."""
+    """The scalar figures of one run.
+
+    OOD figures as ``auroc[set]`` (predictive entropy, the headline score) and
+    ``auroc[set/score]`` for every score; selective classification as
+    ``aurc[score]``, ``e_aurc[score]``, ``augrc[score]``, ``accuracy_at_90[score]``
+    …; temperature scaling as ``temperature[mode]``, ``nll[ts_mode]``,
+    ``ece[ts_mode]``; conformal sets as ``coverage[score@α]``,
+    ``worst_class_coverage[score@α]``, ``set_size[score@α]`` (regression:
+    ``coverage[interval@α]``, ``width[interval@α]``).
+    """
     row = {k: figures[k] for k in COLUMNS if isinstance(figures.get(k), float)}
     for name, table in figures.get("ood", {}).items():
         for key in ("auroc", "aupr_out", "fpr95"):
             row[f"{key}[{name}]"] = table[key]
     for layer, cka in figures.get("cka", {}).get("layers", {}).items():
         row[f"cka[{layer}]"] = cka["mean"]  # mean pairwise CKA between members
+    for name, by_score in figures.get("ood_scores", {}).items():
+        for score, table in by_score.items():
+            row[f"auroc[{name}/{score}]"] = table["auroc"]
+    for score, table in figures.get("selective", {}).items():
+        for key, value in table.items():
+            row[f"{key}[{score}]"] = value
+    for mode, table in figures.get("temperature_scaling", {}).items():
+        row[f"temperature[{mode}]"] = table["temperature"]
+        for key in ("nll", "ece"):
+            row[f"{key}[ts_{mode}]"] = table["after"][key]
+    if "std_scaling" in figures:
+        row["std_scale"] = figures["std_scaling"]["scale"]
+        row["nll[std_scaled]"] = figures["std_scaling"]["after"]["nll"]
+    conformal = figures.get("conformal", {})
+    for score, table in conformal.get("sets", {}).items():
+        for alpha, cell in table.items():
+            row[f"coverage[{score}@{alpha}]"] = cell["coverage"]
+            row[f"worst_class_coverage[{score}@{alpha}]"] = cell["worst_class_coverage"]
+            row[f"set_size[{score}@{alpha}]"] = cell["mean_size"]
+    for alpha, cell in conformal.get("intervals", {}).items():
+        row[f"coverage[interval@{alpha}]"] = cell["coverage"]
+        row[f"width[interval@{alpha}]"] = cell["mean_width"]
     return row
+
+
+#: The post-hoc columns of the main table; the rest have a table of their own.
+MAIN_POSTHOC = ("aurc[msp]", "e_aurc[msp]", "augrc[msp]", "nll[ts_pooled]", "ece[ts_pooled]",
+                "coverage[aps@0.1]", "set_size[aps@0.1]", "coverage[interval@0.1]",
+                "width[interval@0.1]")
+_POSTHOC_PREFIXES = ("aurc[", "e_aurc[", "augrc[", "accuracy_at_", "temperature[", "nll[ts_",
+                     "ece[ts_", "std_scale", "nll[std_", "coverage[", "worst_class_coverage[",
+                     "set_size[", "width[")
+#: ``(title, is_column)`` of the tables after the main one in ``results.md`` (every column
+#: is in ``results.csv``; accuracy at a coverage is tabulated for MSP only).
+TABLES: tuple[tuple[str, Callable[[str], bool]], ...] = (
+    ("OOD detection: AUROC of every score (test set mixed with the OOD set)",
+     lambda c: c.startswith("auroc[") and "/" in c),
+    ("Selective classification: AURC by score", lambda c: c.startswith("aurc[")),
+    ("Selective classification: E-AURC by score", lambda c: c.startswith("e_aurc[")),
+    ("Selective classification: AUGRC by score", lambda c: c.startswith("augrc[")),
+    ("Selective classification: accuracy at 50/80/90/95% coverage (rejecting by MSP)",
+     lambda c: c.startswith("accuracy_at_") and c.endswith("[msp]")),
+    ("Post-hoc calibration on the validation split",
+     lambda c: c.startswith(("temperature[", "nll[ts_", "ece[ts_", "std_scale", "nll[std_"))),
+    ("Conformal prediction (split conformal on the validation split)",
+     lambda c: c.startswith(("coverage[", "worst_class_coverage[", "set_size[", "width["))),
+)
+
+
+def main_column(column: str) -> bool:
+    """Whether a column belongs to the main table of ``results.md``."""
+    if column in MAIN_POSTHOC:
+        return True
+    return not column.startswith(_POSTHOC_PREFIXES) and not (
+        column.startswith("auroc[") and "/" in column)
 
 
 def _better(column: str) -> Callable[[float, float], bool] | None:
@@ -121,11 +185,15 @@ def _better(column: str) -> Callable[[float, float], bool] | None:
     return lambda a, b: a < b
 
 
-def summary_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown: mean ± std over seeds per config, best mean per column in bold."""
+def summary_table(rows: list[dict[str, Any]],
+                  keep: Callable[[str], bool] = lambda _column: True) -> str:
+    """Markdown: mean ± std over seeds per config, best mean per column in bold.
+
+    ``keep`` selects the columns (default: all).
+    """
     configs = list(dict.fromkeys(r["config"] for r in rows))
     columns = [c for c in dict.fromkeys(k for r in rows for k in r)
-               if c not in ("config", "seed", "run_dir")]
+               if c not in ("config", "seed", "run_dir") and keep(c)]
     stats: dict[str, dict[str, tuple[float, float]]] = {}
     for name in configs:
         stats[name] = {}
@@ -190,7 +258,10 @@ def compare(configs: Sequence[str], seeds: int, out: Path, overrides: Sequence[s
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(out / "results.csv", buffer.getvalue())
-    table = summary_table(rows)
+    table = summary_table(rows, main_column)
+    for title, is_column in TABLES:
+        if any(is_column(c) for c in columns):
+            table += f"\n### {title}\n\n" + summary_table(rows, is_column)
     atomic_write_text(out / "results.md", f"# Comparison ({seeds} seeds)\n\n{table}")
     runs: dict[str, list[Path]] = {}
     for r in rows:

@@ -48,16 +48,17 @@ def _save(fig: plt.Figure, path: Path) -> None:
 def plot_training_curves(history: list[dict[str, Any]], path: Path) -> None:
     epochs = [r["epoch"] for r in history]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    split = "val" if any("val_nll" in r for r in history) else "test"
     axes[0].plot(epochs, [r["train_loss"] for r in history], "o-", label="train objective")
-    test = [(r["epoch"], r["test_nll"]) for r in history if "test_nll" in r]
+    test = [(r["epoch"], r[f"{split}_nll"]) for r in history if f"{split}_nll" in r]
     if test:
-        axes[0].plot(*zip(*test, strict=True), "s-", label="test NLL (ensemble)")
+        axes[0].plot(*zip(*test, strict=True), "s-", label=f"{split} NLL (ensemble)")
     axes[0].set_xlabel("epoch")
     axes[0].set_ylabel("loss")
     axes[0].legend()
-    key, test_key, label = (("train_accuracy", "test_accuracy", "accuracy")
+    key, test_key, label = (("train_accuracy", f"{split}_accuracy", "accuracy")
                             if "train_accuracy" in history[0]
-                            else ("train_neg_mse", "test_rmse", "−MSE / RMSE"))
+                            else ("train_neg_mse", f"{split}_rmse", "−MSE / RMSE"))
     axes[1].plot(epochs, [r[key] for r in history], "o-", label=f"train ({key})")
     test = [(r["epoch"], r[test_key]) for r in history if test_key in r]
     if test:
@@ -465,6 +466,192 @@ def _classification_plots(figures: dict[str, Any], arrays: dict[str, np.ndarray]
     return images, lines
 
 
+SCORE_LABELS = {"msp": "max prob (MSP)", "max_logit": "max logit", "energy": "energy",
+                "entropy": "entropy", "mutual_information": "mutual info",
+                "variation_ratio": "variation ratio", "pairwise_kl": "pairwise KL",
+                "disagreement": "disagreement"}
+
+
+def ood_lines(figures: dict[str, Any]) -> list[str]:
+    """OOD detection of every score on every set, near sets first (test set mixed in)."""
+    by_set = figures.get("ood_scores") or {name: {"entropy": row}
+                                           for name, row in figures.get("ood", {}).items()}
+    groups = figures.get("ood_groups", {})
+    lines = ["## Out-of-distribution detection", "",
+             "Each OOD set is scored mixed with the in-distribution test set (OOD = positive). "
+             "Higher score = more likely OOD; the best AUROC per set is in bold.", "",
+             "| group | OOD set | score | AUROC | AUPR-in | AUPR-out | FPR95 |",
+             "|---|---|---|---|---|---|---|"]
+    order = sorted(by_set, key=lambda n: (groups.get(n, "far") != "near", n))
+    for name in order:
+        best = max(row["auroc"] for row in by_set[name].values())
+        for score, row in by_set[name].items():
+            auroc = f"{row['auroc']:.4f}"
+            lines.append(f"| {groups.get(name, '–')} | {name} | {SCORE_LABELS.get(score, score)} | "
+                         f"{f'**{auroc}**' if row['auroc'] == best else auroc} | "
+                         f"{row['aupr_in']:.4f} | {row['aupr_out']:.4f} | {row['fpr95']:.4f} |")
+    for group in ("near", "far"):
+        names = [n for n in order if groups.get(n) == group]
+        if names:
+            mean = {score: float(np.mean([by_set[n][score]["auroc"] for n in names]))
+                    for score in by_set[names[0]]}
+            lines.append("")
+            lines.append(f"Mean AUROC over the {group} OOD sets ({', '.join(names)}): " + ", ".join(
+                f"{SCORE_LABELS.get(k, k)} {v:.4f}" for k, v in mean.items()) + ".")
+    return lines + [""]
+
+
+def _scores_of(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    from diverse.confidence import uncertainty_scores
+
+    logits = arrays.get("logits")
+    return uncertainty_scores(torch.from_numpy(arrays["probs"]),
+                              None if logits is None else torch.from_numpy(logits))
+
+
+def plot_risk_coverage(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path,
+                       title: str = "Risk–coverage") -> None:
+    """Selective risk and generalized risk against coverage; ``curves[label] =
+    (uncertainty (N,), errors (N,))``."""
+    from diverse.selective import risk_coverage
+
+    fig, (ax, axg) = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
+    for label, (u, e) in curves.items():
+        c = risk_coverage(torch.from_numpy(np.asarray(u)), torch.from_numpy(np.asarray(e)))
+        ax.plot(c["coverage"].numpy(), c["risk"].numpy(), lw=1.4, label=label)
+        axg.plot(c["coverage"].numpy(), c["generalized_risk"].numpy(), lw=1.4, label=label)
+    ax.set_ylabel("selective risk (error rate of the accepted)")
+    axg.set_ylabel("generalized risk (accepted and wrong / N)")
+    for a in (ax, axg):
+        a.set_xlabel("coverage")
+        a.set_xlim(0, 1)
+        a.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
+def plot_set_sizes(conformal: dict[str, Any], alpha: str, path: Path) -> None:
+    """Histogram of conformal set sizes per score at level ``alpha``."""
+    sets = conformal["sets"]
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    width = 0.8 / max(len(sets), 1)
+    for i, (score, table) in enumerate(sets.items()):
+        counts = np.asarray(table[alpha]["size_counts"], dtype=float)
+        sizes = np.arange(len(counts))
+        ax.bar(sizes + (i - (len(sets) - 1) / 2) * width, counts / counts.sum(), width=width,
+               label=f"{score.upper()} (mean {table[alpha]['mean_size']:.2f})")
+    ax.set_xlabel("prediction set size")
+    ax.set_ylabel("fraction of test examples")
+    ax.set_title(f"Conformal set sizes at α = {alpha}", fontsize=10)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def posthoc_sections(figures: dict[str, Any], arrays: dict[str, np.ndarray], plots: Path
+                     ) -> tuple[list[tuple[str, str]], list[str]]:
+    """Selective classification, temperature scaling and conformal prediction
+    (classification), then the other classification figures: ``(images, lines)``."""
+    from diverse.calibration import apply_temperature
+    from diverse.posthoc import errors_of
+
+    images: list[tuple[str, str]] = []
+    lines: list[str] = []
+    probs, labels = arrays["probs"], arrays["labels"]
+    if "selective" in figures:
+        selective = figures["selective"]
+        keys = list(next(iter(selective.values())))
+        lines += ["## Selective classification", "",
+                  "Reject the most uncertain first; AURC, E-AURC (AURC minus the oracle's) and "
+                  "AUGRC (Traub et al. 2024) are lower-better; accuracy at a coverage is that "
+                  "of the accepted examples.", "",
+                  "| score | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
+                  "|---|" + "---|" * len(keys)]
+        for score, row in selective.items():
+            lines.append(f"| {SCORE_LABELS.get(score, score)} | "
+                         + " | ".join(f"{row[k]:.4f}" for k in keys) + " |")
+        lines.append("")
+        scores = _scores_of(arrays)
+        errors = errors_of(torch.from_numpy(probs), torch.from_numpy(labels)).numpy()
+        shown = [k for k in ("msp", "entropy", "mutual_information", "energy") if k in scores]
+        plot_risk_coverage({SCORE_LABELS[k]: (scores[k].numpy(), errors) for k in shown},
+                           plots / "risk_coverage.png")
+        images.append(("Risk–coverage curves", "plots/risk_coverage.png"))
+    if "temperature_scaling" in figures:
+        scaling = figures["temperature_scaling"]
+        lines += ["## Temperature scaling", "",
+                  f"Fitted on the validation split ({figures.get('n_validation', '?')} "
+                  "examples) by minimizing its NLL; test figures before → after. "
+                  "*pooled*: one T on log p̄ (pool-then-calibrate); *members*: one T on every "
+                  "sample's logits, then pooled.", "",
+                  "| order | T | NLL | ECE | ACE | Brier | accuracy |",
+                  "|---|---|---|---|---|---|---|"]
+        for mode, row in scaling.items():
+            b, a = row["before"], row["after"]
+            lines.append(f"| {mode} | {row['temperature']:.4f} | "
+                         + " | ".join(f"{b[k]:.4f} → {a[k]:.4f}"
+                                      for k in ("nll", "ece", "ace", "brier", "accuracy")) + " |")
+        lines.append("")
+        curves = {"as trained": (probs, labels)}
+        for mode, row in scaling.items():
+            if mode == "members" and "logits" not in arrays:
+                continue
+            after = apply_temperature(row["temperature"], mode, probs=torch.from_numpy(probs),
+                                      logits=torch.from_numpy(arrays["logits"])
+                                      if "logits" in arrays else None)
+            curves[f"{mode} (T = {row['temperature']:.3f})"] = (after.numpy(), labels)
+        plot_reliability_overlay(curves, plots / "reliability_scaling.png")
+        images.append(("Reliability before and after temperature scaling",
+                       "plots/reliability_scaling.png"))
+    elif "probs" in arrays:
+        lines += ["Post-hoc calibration (temperature scaling, conformal prediction) needs a "
+                  "validation split: train with `[data] validation_fraction` (e.g. 0.1).", ""]
+    if "conformal" in figures and "sets" in figures["conformal"]:
+        conf = figures["conformal"]
+        lines += ["## Conformal prediction", "",
+                  f"Split conformal, calibrated on {conf['validation_examples']} validation "
+                  f"examples (RAPS λ = {conf['raps_lambda']}, k_reg = {conf['raps_k_reg']}; "
+                  "APS and RAPS randomized). Coverage should be ≥ 1 − α.", "",
+                  "| score | α | target | coverage | worst class | mean set size | empty |",
+                  "|---|---|---|---|---|---|---|"]
+        for score, table in conf["sets"].items():
+            for alpha, row in table.items():
+                lines.append(f"| {score.upper()} | {alpha} | {1 - float(alpha):.2f} | "
+                             f"{row['coverage']:.4f} | {row['worst_class_coverage']:.4f} | "
+                             f"{row['mean_size']:.3f} | {row['empty']:.4f} |")
+        lines.append("")
+        shown_alpha = "0.1" if "0.1" in next(iter(conf["sets"].values())) else next(
+            iter(next(iter(conf["sets"].values()))))
+        plot_set_sizes(conf, shown_alpha, plots / "conformal_set_sizes.png")
+        images.append(("Conformal set sizes", "plots/conformal_set_sizes.png"))
+    more_images, more_lines = _classification_plots(figures, arrays, plots)
+    return images + more_images, lines + more_lines
+
+
+def regression_posthoc_lines(figures: dict[str, Any]) -> list[str]:
+    """Std scaling and conformal intervals of a regression run."""
+    lines: list[str] = []
+    if "std_scaling" in figures:
+        row = figures["std_scaling"]
+        b, a = row["before"], row["after"]
+        lines += ["## Predictive-std scaling", "",
+                  f"The mixture scaled about its mean by s = {row['scale']:.4f} (fitted on "
+                  f"the validation NLL); test figures before → after.", "",
+                  "| NLL | calibration error | mean std |", "|---|---|---|",
+                  " | ".join(f"{b[k]:.4f} → {a[k]:.4f}" for k in
+                             ("nll", "calibration_error", "mean_std")).join(["| ", " |"]), ""]
+    if "conformal" in figures and "intervals" in figures["conformal"]:
+        conf = figures["conformal"]
+        lines += ["## Conformal intervals", "",
+                  f"μ ± q̂ σ from normalized residuals on {conf['validation_examples']} "
+                  "validation examples.", "",
+                  "| α | target | coverage | mean width |", "|---|---|---|---|"]
+        for alpha, row in conf["intervals"].items():
+            lines.append(f"| {alpha} | {1 - float(alpha):.2f} | {row['coverage']:.4f} | "
+                         f"{row['mean_width']:.4f} |")
+        lines.append("")
+    return lines
+
+
 def _history(run_dir: Path) -> list[dict[str, Any]]:
     latest = run_dir / "checkpoints" / "latest.json"
     if not latest.is_file():
@@ -525,18 +712,13 @@ def write_report(run_dir: Path) -> Path:
             plot_entropy_hist(arrays["probs"], ood, plots / "entropy_ood.png")
             images.append(("Predictive entropy, in- vs out-of-distribution",
                            "plots/entropy_ood.png"))
-            lines += ["## Out-of-distribution detection", "",
-                      "| OOD set | score | AUROC | AUPR-in | AUPR-out | FPR95 |",
-                      "|---|---|---|---|---|---|"]
-            for key, score in (("ood", "entropy"), ("ood_mutual_information", "mutual info")):
-                for name, row in figures.get(key, {}).items():
-                    lines.append(f"| {name} | {score} | {row['auroc']:.4f} | {row['aupr_in']:.4f}"
-                                 f" | {row['aupr_out']:.4f} | {row['fpr95']:.4f} |")
-            lines.append("")
+            lines += ood_lines(figures)
     if "probs" in arrays:
-        more_images, more_lines = _classification_plots(figures, arrays, plots)
+        more_images, more_lines = posthoc_sections(figures, arrays, plots)
         images += more_images
         lines += more_lines
+    elif "std_scaling" in figures or "conformal" in figures:
+        lines += regression_posthoc_lines(figures)
     if "corruptions" in figures:
         plot_shift(figures, plots / "shift.png")
         images.append(("Corruptions and rotations", "plots/shift.png"))
@@ -564,9 +746,11 @@ def write_report(run_dir: Path) -> Path:
     for title, rel in images:
         lines += [f"## {title}", "", f"![{title}]({rel})", ""]
     if history:
-        lines += ["## History", "", "| epoch | seconds | train loss | test |", "|---|---|---|---|"]
+        lines += ["## History", "", "| epoch | seconds | train loss | held out |",
+                  "|---|---|---|---|"]
         for r in history:
-            test = ", ".join(f"{k}={v:.4f}" for k, v in r.items() if k.startswith("test_"))
+            test = ", ".join(f"{k}={v:.4f}" for k, v in r.items()
+                             if k.startswith(("test_", "val_")))
             lines.append(f"| {r['epoch']} | {r['seconds']:.1f} | {r['train_loss']:.4f} | {test} |")
         lines.append("")
     config = run_dir / "config.toml"
@@ -636,6 +820,15 @@ def write_comparison_report(out: Path, runs: dict[str, list[Path]], table: str) 
         plot_confidence_curves(curves, plots / "confidence.png",
                                title="Accuracy vs confidence threshold (seeds pooled)")
         images.append(("Accuracy vs confidence threshold", "plots/confidence.png"))
+        from diverse.confidence import msp
+        from diverse.posthoc import errors_of
+
+        plot_risk_coverage(
+            {name: (msp(torch.from_numpy(p)).numpy(),
+                    errors_of(torch.from_numpy(p), torch.from_numpy(y)).numpy())
+             for name, (p, y) in curves.items()},
+            plots / "risk_coverage.png", title="Risk–coverage, rejecting by MSP (seeds pooled)")
+        images.append(("Risk–coverage (MSP)", "plots/risk_coverage.png"))
         with_ood = {name: (p, ood) for name, (p, _y, ood) in pooled.items() if ood}
         if with_ood:
             plot_entropy_per_model(with_ood, plots / "entropy_ood.png")
