@@ -154,8 +154,9 @@ def conformal_summary(figures: dict, alphas: Sequence[float]) -> str:
                              f"{row['mean_size']:.3f}, empty {row['empty']:.4f}")
         else:
             row = conf["intervals"][key]
+            width = "inf" if row["mean_width"] is None else f"{row['mean_width']:.4f}"
             lines.append(f"  alpha={key} interval: coverage {row['coverage']:.4f} "
-                         f"(target {1 - alpha:.4f}), mean width {row['mean_width']:.4f}")
+                         f"(target {1 - alpha:.4f}), mean width {width}")
     return "\n".join(lines)
 
 

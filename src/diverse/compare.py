@@ -140,7 +140,8 @@ def flat_row(figures: dict[str, Any]) -> dict[str, float]:
             row[f"set_size[{score}@{alpha}]"] = cell["mean_size"]
     for alpha, cell in conformal.get("intervals", {}).items():
         row[f"coverage[interval@{alpha}]"] = cell["coverage"]
-        row[f"width[interval@{alpha}]"] = cell["mean_width"]
+        if cell["mean_width"] is not None:
+            row[f"width[interval@{alpha}]"] = cell["mean_width"]
     return row
 
 

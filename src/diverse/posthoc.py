@@ -198,8 +198,10 @@ def calibration_figures(cal: Calibration, prediction: Mapping[str, Tensor], targ
         conf["intervals"] = {}
         for alpha in alphas:
             q = cal.threshold(alpha, "regression")
+            row = conformal.interval_metrics(mean, std, targets, q)
             conf["intervals"][_alpha_key(alpha)] = {
-                "threshold": _finite(q), **conformal.interval_metrics(mean, std, targets, q)}
+                "threshold": _finite(q), "coverage": row["coverage"],
+                "mean_width": _finite(row["mean_width"])}  # None: too few examples for α
     out["conformal"] = conf
     return out
 

@@ -646,8 +646,9 @@ def regression_posthoc_lines(figures: dict[str, Any]) -> list[str]:
                   "validation examples.", "",
                   "| α | target | coverage | mean width |", "|---|---|---|---|"]
         for alpha, row in conf["intervals"].items():
-            lines.append(f"| {alpha} | {1 - float(alpha):.2f} | {row['coverage']:.4f} | "
-                         f"{row['mean_width']:.4f} |")
+            width = "∞ (too few validation examples)" if row["mean_width"] is None else \
+                f"{row['mean_width']:.4f}"
+            lines.append(f"| {alpha} | {1 - float(alpha):.2f} | {row['coverage']:.4f} | {width} |")
         lines.append("")
     return lines
 

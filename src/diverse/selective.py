@@ -46,15 +46,21 @@ def _check(uncertainty: Tensor, errors: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError("uncertainty must be a 1-d tensor (N,)")
     if not isinstance(errors, Tensor) or errors.shape != uncertainty.shape:
         raise ValueError(f"errors must have the shape of uncertainty {tuple(uncertainty.shape)}")
-    if uncertainty.shape[0] == 0:
-        raise ValueError("selective metrics need at least one example (N = 0)")
     u = uncertainty.detach().to(torch.float64)
     if bool(torch.isnan(u).any()):
         raise ValueError("uncertainty contains NaN")
+    return u, _check_errors(errors)
+
+
+def _check_errors(errors: Tensor) -> Tensor:
+    if not isinstance(errors, Tensor) or errors.dim() != 1:
+        raise ValueError("errors must be a 1-d tensor (N,) of 0 (correct) / 1 (wrong)")
+    if errors.shape[0] == 0:
+        raise ValueError("selective metrics need at least one example (N = 0)")
     e = errors.detach().to(torch.float64)
-    if bool(((e != 0) & (e != 1)).any()):
+    if bool(((e != 0) & (e != 1)).any()):  # NaN fails both comparisons too
         raise ValueError("errors must be 0 (correct) or 1 (wrong)")
-    return u, e
+    return e
 
 
 def expected_errors(uncertainty: Tensor, errors: Tensor) -> Tensor:
@@ -101,7 +107,7 @@ def aurc(uncertainty: Tensor, errors: Tensor) -> float:
 
 def oracle_aurc(errors: Tensor) -> float:
     """AURC of the ranking that accepts every correct example first."""
-    e = errors.detach().to(torch.float64)
+    e = _check_errors(errors)
     n, wrong = len(e), float(e.sum())
     k = torch.arange(1, n + 1, dtype=torch.float64)
     return float(((k - (n - wrong)).clamp_min(0) / k).mean())
