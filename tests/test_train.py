@@ -160,3 +160,38 @@ def test_non_finite_update_with_finite_loss_also_stops(tmp_path):
     run.update = poisoned
     with pytest.raises(DivergenceError, match=r"non-finite update \(gradient\) at epoch 1 step 1"):
         train(run, tmp_path, show_progress=False)
+
+
+def test_repulsion_warning_threshold():
+    from diverse.train import repulsion_warning
+
+    assert repulsion_warning({"diag_driving_over_repulsion": 999.0}) is None
+    assert repulsion_warning({"train_loss": 1.0}) is None  # no interaction term
+    message = repulsion_warning({"diag_driving_over_repulsion": 1.5e6})
+    assert "1.5e+06x" in message and "repulsion_scale" in message and "driving_scale" in message
+
+
+def test_weak_repulsion_is_warned_about_in_history_stderr_and_report(tmp_path, capsys):
+    import json
+
+    from diverse.cli import main
+
+    config = tmp_path / "svgd.toml"
+    config.write_text('[data]\nname = "digits"\ntrain_subset = 400\n[model]\nhidden = [16]\n'
+                      '[ensemble]\nmembers = 3\n[method]\nname = "svgd"\n'
+                      '[train]\nepochs = 1\nprior_std = 1.0\n')
+    outcomes = {}
+    for name, extra in (("default", []), ("strong", ["--set", "method.repulsion_scale=batch",
+                                                     "--set", "method.driving_scale=0.01"])):
+        out = tmp_path / name
+        assert main(["train", str(config), *extra, "--out", str(out), "--quiet"]) == 0
+        manifest = json.loads((out / "checkpoints" / "epoch-0001.json").read_text())
+        record = manifest["history"][0]
+        outcomes[name] = (record, capsys.readouterr().err, (out / "report.md").read_text())
+    record, err, report = outcomes["default"]  # exact-posterior scaling: repulsion invisible
+    assert record["diag_driving_over_repulsion"] > 1e3
+    assert "driving term is" in record["warning"] and "warning: epoch 1" in err
+    assert "**Warning**" in report and "repulsion_scale" in report
+    record, err, report = outcomes["strong"]
+    assert record["diag_driving_over_repulsion"] < 1e3
+    assert "warning" not in record and "warning" not in err and "**Warning**" not in report

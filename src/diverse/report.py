@@ -683,6 +683,10 @@ def write_report(run_dir: Path) -> Path:
              f"Method **{figures['method']}**, M = {figures['members']} members, "
              f"data **{figures['dataset']}** ({figures['n_test']} test examples).", ""]
     images: list[tuple[str, str]] = []
+    warned = [r for r in history if "warning" in r]
+    if warned:
+        lines += [f"> **Warning** ({len(warned)} of {len(history)} epochs, first in epoch "
+                  f"{warned[0]['epoch']}): {warned[-1]['warning']}.", ""]
     if history:
         plot_training_curves(history, plots / "training_curves.png")
         images.append(("Training curves", "plots/training_curves.png"))

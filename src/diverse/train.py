@@ -18,6 +18,7 @@ gathers all members into the usual checkpoint and writes history and logs.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -209,6 +210,23 @@ def predict_run(run: Run, x: Tensor, batch_size: int = 1000) -> dict[str, Tensor
                    samples=predict_samples(run.cfg.method))
 
 
+#: An epoch whose mean driving/repulsion norm ratio exceeds this gets a warning: the
+#: members then move as a deep ensemble's would (seed 003's finding at the exact
+#: posterior scaling).
+REPULSION_WARNING_RATIO = 1e3
+
+
+def repulsion_warning(record: dict[str, Any]) -> str | None:
+    """The warning for an epoch record whose ``diag_driving_over_repulsion`` > 10³, else None."""
+    ratio = record.get("diag_driving_over_repulsion")
+    if ratio is None or not ratio > REPULSION_WARNING_RATIO:
+        return None
+    return (f"the driving term is {ratio:.3g}x the repulsion (> {REPULSION_WARNING_RATIO:g}): "
+            "the members train as a deep ensemble. Strengthen the repulsion with [method] "
+            "repulsion_scale = \"batch\" (the papers' tempered practice), driving_scale < 1, "
+            "or an annealing schedule that starts low (annealing = \"hyper\" | \"cyclic\")")
+
+
 def held_out_figures(run: Run) -> dict[str, float]:
     """Quick held-out figures logged every ``eval_every`` epochs.
 
@@ -263,6 +281,7 @@ def train(
                    enabled=show_progress and lead, start=step)
     tracker = (open_tracker(cfg.logging, run_dir, config_to_dict(cfg))  # [logging] backend
                if lead else NullTracker())
+    warned = False  # a quiet run warns once on stderr; a verbose one every epoch
     for epoch in range(start_epoch, run.total_epochs + 1):
         torch.manual_seed(epoch_seed(t.seed, epoch))
         shuffle = torch.Generator().manual_seed(epoch_seed(t.seed, epoch))
@@ -317,11 +336,19 @@ def train(
         last = epoch == run.total_epochs
         if (t.eval_every > 0 and epoch % t.eval_every == 0) or last:
             record.update(held_out_figures(run))
+        warning = repulsion_warning(record)
+        if warning is not None:
+            record["warning"] = warning
         history.append(record)
         tracker.log(epoch, record)
         if spe >= 10 or last or epoch % max(1, run.total_epochs // 20) == 0:
             bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                               for k, v in record.items()))
+                               for k, v in record.items() if k != "warning"))
+        if warning is not None and lead and show_progress:
+            bar.write(f"warning: epoch {epoch}: {warning}")
+        elif warning is not None and lead and not warned:
+            print(f"diverse: warning: epoch {epoch}: {warning}", file=sys.stderr)
+            warned = True
         if epoch % t.checkpoint_every and not last:
             continue
         model_t = distributed.gather_tensors(comm, ens.state_tensors())
