@@ -39,6 +39,7 @@ from diverse.feature_repulsion import (
     wrap_hypernetwork,
 )
 from diverse.forde import FoRDEConfig, build_forde
+from diverse.hmc import HMCConfig, build_hmc, finalize_hmc, wrap_hmc
 from diverse.laplace_fit import LaplaceConfig, build_laplace, finalize_laplace
 from diverse.mc_dropout import (
     MCDropoutConfig,
@@ -92,6 +93,7 @@ METHODS: dict[str, MethodSpec] = {
     "swag": MethodSpec(SWAGConfig, build_swag, wrap_swag, finalize=finalize_swag),
     "sghmc": MethodSpec(SGHMCConfig, build_sghmc, wrap_sghmc, finalize=finalize_sghmc),
     "laplace": MethodSpec(LaplaceConfig, build_laplace, finalize=finalize_laplace),
+    "hmc": MethodSpec(HMCConfig, build_hmc, wrap_hmc, finalize=finalize_hmc),
 }
 
 

@@ -26,10 +26,10 @@ from diverse.config import Config, config_to_dict, config_to_toml, load_config, 
 from diverse.errors import UserError
 from diverse.report import write_comparison_report
 
-HIGHER_IS_BETTER = ("accuracy", "auroc", "aupr")
+HIGHER_IS_BETTER = ("accuracy", "auroc", "aupr", "ess")
 # member diversity and uncertainty: neither direction is "better" for every method
 DESCRIPTIVE = ("mutual_information", "disagreement", "cka", "train_seconds", "coverage",
-               "worst_class_coverage", "temperature", "std_scale")
+               "worst_class_coverage", "temperature", "std_scale", "accept_rate")
 COLUMNS = ("accuracy", "nll", "ece", "ace", "brier", "mutual_information", "disagreement",
            "rmse", "calibration_error")
 
@@ -132,6 +132,9 @@ def flat_row(figures: dict[str, Any]) -> dict[str, float]:
     if "std_scaling" in figures:
         row["std_scale"] = figures["std_scaling"]["scale"]
         row["nll[std_scaled]"] = figures["std_scaling"]["after"]["nll"]
+    for key in ("rhat_max", "ess_min", "divergences", "accept_rate"):
+        if key in figures.get("mcmc", {}):
+            row[key] = float(figures["mcmc"][key])
     conformal = figures.get("conformal", {})
     for score, table in conformal.get("sets", {}).items():
         for alpha, cell in table.items():

@@ -618,6 +618,7 @@ def data_spec(dataset: Dataset) -> DataSpec:
 
 def write_data_spec(run_dir: Path, dataset: Dataset) -> None:
     """``RUN/data.json``: the :class:`DataSpec` of the training data (atomic)."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_json(Path(run_dir) / DATA_SPEC_FILE, dataclasses.asdict(data_spec(dataset)))
 
 

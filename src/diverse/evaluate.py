@@ -45,6 +45,7 @@ from diverse.catalog import predict_samples
 from diverse.checkpoint import atomic_save_npz, atomic_write_json
 from diverse.data import Dataset, denormalize, normalize
 from diverse.ensemble import evaluating
+from diverse.mcmc import effective_sample_size, split_rhat
 from diverse.ood import ood_group
 from diverse.posthoc import (
     Calibration,
@@ -312,6 +313,40 @@ def training_outlier_examples(run: Run, count: int = 32) -> np.ndarray:
     return _raw_inputs(x, run.dataset).clamp(0, 1).numpy()
 
 
+def chain_figures(values: Tensor, members: int, draws: int) -> dict[str, float]:
+    """Split-R̂ and ESS of predictive samples read as ``members`` chains of ``draws`` draws.
+
+    ``values`` ``(S, N, ...)`` draw-major (``S = draws × members``, sample ``d·M + m`` is
+    draw d of chain m, :mod:`diverse.samples`): probabilities or regression means at
+    the test inputs, each (example, output) one quantity — functions are identified
+    where weights are not. Quantities constant in every chain are left out.
+    """
+    x = values.reshape(draws, members, -1).transpose(0, 1).to(torch.float64)  # (M, K, Q)
+    moving = x.var(1).min(0).values > 0
+    x = x[..., moving]
+    if x.shape[-1] == 0:
+        return {}
+    rhat, ess = split_rhat(x), effective_sample_size(x)
+    return {"chains": members, "draws": draws, "quantities": int(x.shape[-1]),
+            "rhat_max": float(rhat.max()), "rhat_median": float(rhat.median()),
+            "rhat_above_1.01": float((rhat > 1.01).double().mean()),
+            "ess_min": float(ess.min()), "ess_median": float(ess.median())}
+
+
+def mcmc_figures(run: Run, pred: dict[str, Tensor]) -> dict[str, float]:
+    """Chain diagnostics of a run with weight samples of ≥ 2 members × ≥ 4 draws (HMC,
+    SGHMC, ...), plus an HMC run's acceptance, divergences and step size; ``{}`` otherwise."""
+    if run.samples is None or run.samples.members < 2 or run.samples.draws < 4:
+        return {}
+    values = pred["probs"] if "probs" in pred else pred["means"]
+    out = chain_figures(values, run.samples.members, run.samples.draws)
+    if "hmc_accept" in run.ensemble.buffers:
+        from diverse.hmc import chain_summary
+
+        out.update(chain_summary(run.ensemble.buffers))
+    return out
+
+
 def fit_run_calibration(run: Run) -> Calibration | None:
     """Temperatures / std scale and conformal scores fitted on the run's validation
     split (:func:`diverse.posthoc.fit_calibration`); ``None`` without one."""
@@ -340,6 +375,9 @@ def evaluate(run: Run, ood_names: list[str] | None = None,
                            "dataset": data.name, "n_test": len(data.x_test),
                            "n_validation": len(data.x_val) if data.has_validation else 0}
     arrays: dict[str, np.ndarray] = {}
+    mcmc = mcmc_figures(run, pred)
+    if mcmc:
+        out["mcmc"] = mcmc
     if data.task == "classification":
         probs, logits, labels = pred["probs"], pred.get("logits"), data.y_test
         out.update(metrics.classification_metrics(probs, labels))

@@ -698,6 +698,15 @@ def write_report(run_dir: Path) -> Path:
                           f"{last['diag_driving_over_repulsion']:.3g} "
                           f"(bandwidth {last.get('diag_bandwidth', float('nan')):.3g}, "
                           f"mean kernel {last.get('diag_kernel_mean', float('nan')):.3g}).", ""]
+    if "mcmc" in figures:
+        mc = figures["mcmc"]
+        lines += ["## MCMC diagnostics", "",
+                  f"{mc['chains']} chains × {mc['draws']} kept draws; split-R̂ and ESS "
+                  f"(BDA3) on {mc['quantities']} predictive quantities f(x) at the test inputs.",
+                  "", "| figure | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in mc.items()
+                  if k not in ("chains", "draws", "quantities")]
+        lines.append("")
     scalar = {k: v for k, v in figures.items()
               if isinstance(v, float) and not k.startswith("member_")}
     lines += ["## Test metrics", "", "| metric | value |", "|---|---|"]
