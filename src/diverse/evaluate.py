@@ -95,7 +95,7 @@ def _raw_inputs(x: Tensor, data: Dataset) -> Tensor:
 
 
 def data_gap_spread(data: Dataset, means: Tensor, far: float = 0.5) -> dict[str, float]:
-    """1D inputs: mean member spread (std of member means) far from / near the data.
+    """1D inputs: mean member spread (population std of member means) far from / near the data.
 
     A test input is "far" when its nearest training input (in the data's own
     units) is more than ``far`` away — e.g. the gap of the ``regression-1d``
@@ -104,7 +104,8 @@ def data_gap_spread(data: Dataset, means: Tensor, far: float = 0.5) -> dict[str,
     x_test = _raw_inputs(data.x_test, data)[:, 0]
     x_train = _raw_inputs(data.x_train, data)[:, 0]
     distance = (x_test[:, None] - x_train[None, :]).abs().min(1).values
-    spread = means.std(0) if means.shape[0] > 1 else torch.zeros(means.shape[1])
+    # population std (no Bessel correction), the convention of metrics.predictive_std
+    spread = means.std(0, correction=0)
     mask = distance > far
     return {"member_std_far_from_data": float(spread[mask].mean()) if mask.any() else 0.0,
             "member_std_near_data": float(spread[~mask].mean()) if (~mask).any() else 0.0}
