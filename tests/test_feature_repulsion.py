@@ -100,8 +100,10 @@ def test_svgd_cka_update_matches_a_per_pair_computation():
         kmat.sum(), list(params.values())), strict=True)))
     phi = (kmat.detach().T @ drive) / m - 2.0 * repulsion / m
     scale = phi.abs().max()
+    # float32 on both sides, summed in other orders through arccos near ±1: a few
+    # entries differ by ~2e-6 of the largest on some CPUs
     torch.testing.assert_close(-flatten_params(result.grads) / scale, phi / scale, rtol=1e-4,
-                               atol=1e-6)
+                               atol=1e-5)
     assert result.logs["repulsion_norm"] > 0
 
 

@@ -64,7 +64,8 @@ def test_sq_dists_centring_keeps_float32_accurate_far_from_origin() -> None:
     rel_ours = ((ours - truth)[off].abs() / truth[off]).max().item()
     rel_naive = ((naive - truth)[off].abs() / truth[off]).max().item()
     assert rel_ours < 1e-4, rel_ours  # measured 2.4e-5
-    assert rel_naive > 1.0, rel_naive  # measured 23.5 (garbage)
+    # measured 23.5 on one CPU, 1.0 (every distance cancelled to 0) on another
+    assert rel_naive >= 0.5, rel_naive
 
 
 # --------------------------------------------------------------------------- bandwidths

@@ -113,10 +113,10 @@ def test_screenshot_is_a_non_blank_png_of_the_window(report, tmp_path):
     import matplotlib.image
 
     shot = tmp_path / "shot.png"
-    done = _run_chromium(["--window-size=1200,1600", "--hide-scrollbars",
+    done = _run_chromium(["--window-size=1200,3200", "--hide-scrollbars",
                           f"--screenshot={shot}", report.as_uri()], tmp_path / "profile")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert _png_size(shot.read_bytes()) == (1200, 1600)
+    assert _png_size(shot.read_bytes()) == (1200, 3200)
     pixels = matplotlib.image.imread(shot)[..., :3]  # floats in [0, 1]
     ink = (pixels < 0.9).any(-1)  # anything darker than near-white: text, tables, plots
     assert 0.02 < ink.mean() < 0.9 and pixels.std() > 0.05

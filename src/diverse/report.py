@@ -575,7 +575,7 @@ def posthoc_sections(figures: dict[str, Any], arrays: dict[str, np.ndarray], plo
         shown = [k for k in ("msp", "entropy", "mutual_information", "energy") if k in scores]
         plot_risk_coverage({SCORE_LABELS[k]: (scores[k].numpy(), errors) for k in shown},
                            plots / "risk_coverage.png")
-        images.append(("Risk–coverage curves", "plots/risk_coverage.png"))
+        lines += ["![Risk–coverage curves](plots/risk_coverage.png)", ""]
     if "temperature_scaling" in figures:
         scaling = figures["temperature_scaling"]
         lines += ["## Temperature scaling", "",
@@ -600,8 +600,8 @@ def posthoc_sections(figures: dict[str, Any], arrays: dict[str, np.ndarray], plo
                                       if "logits" in arrays else None)
             curves[f"{mode} (T = {row['temperature']:.3f})"] = (after.numpy(), labels)
         plot_reliability_overlay(curves, plots / "reliability_scaling.png")
-        images.append(("Reliability before and after temperature scaling",
-                       "plots/reliability_scaling.png"))
+        lines += ["![Reliability before and after temperature scaling]"
+                  "(plots/reliability_scaling.png)", ""]
     elif "probs" in arrays:
         lines += ["Post-hoc calibration (temperature scaling, conformal prediction) needs a "
                   "validation split: train with `[data] validation_fraction` (e.g. 0.1).", ""]
@@ -622,7 +622,7 @@ def posthoc_sections(figures: dict[str, Any], arrays: dict[str, np.ndarray], plo
         shown_alpha = "0.1" if "0.1" in next(iter(conf["sets"].values())) else next(
             iter(next(iter(conf["sets"].values()))))
         plot_set_sizes(conf, shown_alpha, plots / "conformal_set_sizes.png")
-        images.append(("Conformal set sizes", "plots/conformal_set_sizes.png"))
+        lines += ["![Conformal set sizes](plots/conformal_set_sizes.png)", ""]
     more_images, more_lines = _classification_plots(figures, arrays, plots)
     return images + more_images, lines + more_lines
 
