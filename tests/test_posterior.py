@@ -136,3 +136,31 @@ def test_bad_input_on_the_command_line_exits_2_before_writing(tmp_path, capsys):
                  "overrides.swag=[\"model.dropout=0.1\"]", "--set", "study.methods=[\"vi\"]",
                  "--out", str(out)]) == 2
     assert "'swag' is not in [study] methods" in capsys.readouterr().err
+
+
+def test_study_with_an_hmc_reference_and_hmc_as_a_method(tmp_path):
+    config = tmp_path / "study.toml"
+    config.write_text(TINY.replace('methods = ["de", "swag"]',
+                                   'methods = ["de", "hmc"]\nhmc_reference = true\n'
+                                   'hmc_chains = 2')
+                      .replace('swag = ["method.swa_start=0.0", "method.swa_frequency=1", '
+                               '"method.rank=3"]',
+                               'hmc = ["method.leapfrog_steps=4", "train.steps=16"]'))
+    out = tmp_path / "out"
+    assert main(["posterior", str(config), "--out", str(out), "--quiet"]) == 0
+    rows = list(csv.DictReader((out / "results.csv").read_text().splitlines()))
+    assert [(r["method"], r["mode"]) for r in rows] == [
+        ("de", "multi"), ("hmc", "single"), ("hmc", "multi")]
+    hmc_ref, manifest = load_samples(out / "hmc-reference")
+    assert hmc_ref.count == 12 and manifest["method"] == "hmc" and hmc_ref.members == 2
+    pc = load_posterior_config(config)
+    cfg = run_specs(pc)[0].cfg
+    from diverse.data import load_dataset
+    from diverse.likelihoods import build_likelihood
+
+    skeleton = base_model(cfg, load_dataset(cfg.data), build_likelihood(cfg.likelihood))
+    de, _ = load_samples(out / "runs" / "de-multi-seed0")
+    assert float(rows[0]["mmd_hmc"]) == pytest.approx(
+        mmd_value(flatten(de, skeleton), flatten(hmc_ref, skeleton)), rel=1e-9)
+    md = (out / "results.md").read_text()
+    assert "MMD² to HMC | MMD² to HMC (NS)" in md and "HMC reference (2 chains" in md

@@ -87,7 +87,9 @@ from diverse.samples import (
 from diverse.symmetry import SCALINGS, canonical_scaling, remove_symmetries
 from diverse.validate import check_choice, check_count
 
-STUDY_METHODS: tuple[str, ...] = ("de", "mc-dropout", "vi", "swag", "sghmc", "laplace")
+STUDY_METHODS: tuple[str, ...] = ("de", "mc-dropout", "vi", "swag", "sghmc", "laplace", "hmc")
+#: The methods of a study whose ``[study] methods`` is not given (HMC is opt-in: slower).
+DEFAULT_STUDY_METHODS: tuple[str, ...] = STUDY_METHODS[:-1]
 MODES: tuple[str, ...] = ("single", "multi")
 RUN_SECTIONS: tuple[str, ...] = ("data", "model", "ensemble", "train", "likelihood")
 
@@ -105,13 +107,15 @@ DEFAULT_RUN: dict[str, dict[str, Any]] = {
 DEFAULT_OVERRIDES: dict[str, tuple[str, ...]] = {
     "mc-dropout": ("model.dropout=0.1",),
     "swag": ("train.schedule=constant",),
+    "hmc": ("method.leapfrog_steps=16",),
 }
 
 MODE_COLORS = {"single": "tab:orange", "multi": "tab:blue"}
 FIXED_KEYS = ("ensemble.members", "train.seed", "method.name", "method.predict_samples")
-COLUMNS = ("mmd", "mmd_ns", "accuracy", "ece", "ace", "brier", "nll", "aupr", "fpr95",
-           "mi_in", "mi_out")
-HEADERS = {"mmd": "MMD²", "mmd_ns": "MMD² (NS)", "accuracy": "accuracy", "ece": "ECE",
+COLUMNS = ("mmd", "mmd_ns", "mmd_hmc", "mmd_hmc_ns", "accuracy", "ece", "ace", "brier", "nll",
+           "aupr", "fpr95", "mi_in", "mi_out")
+HEADERS = {"mmd": "MMD²", "mmd_ns": "MMD² (NS)", "mmd_hmc": "MMD² to HMC",
+           "mmd_hmc_ns": "MMD² to HMC (NS)", "accuracy": "accuracy", "ece": "ECE",
            "ace": "ACE", "brier": "Brier", "nll": "NLL", "aupr": "AUPR", "fpr95": "FPR95",
            "mi_in": "MI in", "mi_out": "MI out"}
 
@@ -133,9 +137,14 @@ class StudyConfig:
         ood: the OOD set (a :data:`diverse.ood.OOD_NAMES` name; default ``"rotated"``).
         reference_seed: ``[train] seed`` of the reference ensemble (default 1000;
             method runs use seeds ``0 .. seeds−1``).
+        hmc_reference: also sample a second reference by full-batch HMC
+            (:mod:`diverse.hmc`; ``hmc_chains`` chains, ``reference`` draws in all, the
+            ``[overrides] hmc`` options) and report every run's MMD² to it, before and
+            after symmetry removal (default false).
+        hmc_chains: chains of the HMC reference, ≥ 2, dividing ``reference`` (default 10).
     """
 
-    methods: tuple[str, ...] = STUDY_METHODS
+    methods: tuple[str, ...] = DEFAULT_STUDY_METHODS
     reference: int = 1000
     members: int = 10
     samples: int = 100
@@ -143,6 +152,8 @@ class StudyConfig:
     scaling: str = "min-mass"
     ood: str = "rotated"
     reference_seed: int = 1000
+    hmc_reference: bool = False
+    hmc_chains: int = 10
 
     def __post_init__(self) -> None:
         if isinstance(self.methods, list):  # TOML arrays arrive as lists
@@ -162,6 +173,10 @@ class StudyConfig:
         if self.samples % self.members:
             raise UserError(f"[study] samples = {self.samples}: must be a multiple of "
                             f"members = {self.members} (equal draws per member)")
+        check_count("[study] hmc_chains", self.hmc_chains, 2)
+        if self.hmc_reference and self.reference % self.hmc_chains:
+            raise UserError(f"[study] hmc_chains = {self.hmc_chains}: must divide reference = "
+                            f"{self.reference} (equal draws per chain)")
         if self.samples >= self.reference:
             raise UserError(f"[study] samples = {self.samples}: must be smaller than "
                             f"reference = {self.reference} (the noise floor splits the reference)")
@@ -196,13 +211,14 @@ def posterior_config(raw: dict[str, Any]) -> PosteriorConfig:
     run["data"]["ood"] = [study.ood]
     given = raw.get("overrides", {})
     for name, changes in given.items():
-        if name not in study.methods:
+        if name not in study.methods and not (name == "hmc" and study.hmc_reference):
             raise UserError(f"[overrides] {name!r} is not in [study] methods "
                             f"({', '.join(study.methods)})")
         if not isinstance(changes, list) or not all(isinstance(c, str) for c in changes):
             raise UserError(f"[overrides] {name} = {changes!r}: expected a list of "
                             f"\"section.key=value\" strings")
-    overrides = {m: tuple(given.get(m, DEFAULT_OVERRIDES.get(m, ()))) for m in study.methods}
+    overrides = {m: tuple(given.get(m, DEFAULT_OVERRIDES.get(m, ())))
+                 for m in (*study.methods, *(("hmc",) if study.hmc_reference else ()))}
     for name, changes in overrides.items():
         for text in changes:
             section, key, _ = parse_override(text)
@@ -264,6 +280,13 @@ def _run_config(pc: PosteriorConfig, method: str, members: int, seed: int,
 def reference_config(pc: PosteriorConfig) -> Config:
     """The reference ensemble's config: a deep ensemble of ``reference`` networks."""
     return _run_config(pc, "de", pc.study.reference, pc.study.reference_seed, None, ())
+
+
+def hmc_reference_config(pc: PosteriorConfig) -> Config:
+    """The HMC reference's config: ``hmc_chains`` chains of ``reference / hmc_chains`` draws."""
+    s = pc.study
+    return _run_config(pc, "hmc", s.hmc_chains, s.reference_seed, s.reference // s.hmc_chains,
+                       pc.overrides["hmc"])
 
 
 def run_specs(pc: PosteriorConfig) -> list[RunSpec]:
@@ -373,13 +396,28 @@ def _reference(pc: PosteriorConfig, out: Path, dataset: Any, show: bool
     folder = out / "reference"
     run, samples = train_or_reuse(cfg, folder, dataset, show)
     skeleton = base_model(cfg, run.dataset, run.likelihood)
-    cache = folder / f"canonical-{pc.study.scaling}.safetensors"
+    return skeleton, flatten(samples, skeleton).cpu(), _canonical_cached(
+        folder, skeleton, samples, pc.study.scaling)
+
+
+def _canonical_cached(folder: Path, skeleton: nn.Module, samples: Samples, scaling: str
+                      ) -> Tensor:
+    """:func:`canonical` of a reference's samples, cached in ``folder``."""
+    cache = folder / f"canonical-{scaling}.safetensors"
     if cache.is_file():
-        canon = load_file(cache)["weights"]
-    else:
-        canon = canonical(skeleton, samples.to("cpu"), pc.study.scaling)
-        atomic_save_tensors(cache, {"weights": canon}, {"scaling": pc.study.scaling})
-    return skeleton, flatten(samples, skeleton).cpu(), canon
+        return load_file(cache)["weights"]
+    canon = canonical(skeleton, samples.to("cpu"), scaling)
+    atomic_save_tensors(cache, {"weights": canon}, {"scaling": scaling})
+    return canon
+
+
+def _hmc_reference(pc: PosteriorConfig, out: Path, dataset: Any, skeleton: nn.Module,
+                   show: bool) -> tuple[Tensor, Tensor]:
+    """The HMC reference's flattened samples ``(R, D)`` before and after symmetry removal."""
+    folder = out / "hmc-reference"
+    _run, samples = train_or_reuse(hmc_reference_config(pc), folder, dataset, show)
+    return flatten(samples, skeleton).cpu(), _canonical_cached(folder, skeleton, samples,
+                                                               pc.study.scaling)
 
 
 def _check_study(pc: PosteriorConfig, specs: list[RunSpec], dataset: Any) -> None:
@@ -394,6 +432,8 @@ def _check_study(pc: PosteriorConfig, specs: list[RunSpec], dataset: Any) -> Non
         if (spec.method, spec.mode) not in seen:
             seen.add((spec.method, spec.mode))
             build_run(spec.cfg, dataset)  # wrappers and method options fail here
+    if pc.study.hmc_reference:
+        build_run(hmc_reference_config(pc), dataset)
     ref = reference_config(pc)
     run = build_run(_run_config(pc, "de", 1, 0, None, ()), dataset)
     skeleton = base_model(ref, dataset, run.likelihood)
@@ -415,6 +455,10 @@ def run_study(pc: PosteriorConfig, out: Path, show_progress: bool = True) -> Pat
     skeleton, ref_flat, ref_canon = _reference(pc, out, dataset, show_progress)
     floor = {"mmd": mmd_value(ref_flat[:s.samples], ref_flat[s.samples:]),
              "mmd_ns": mmd_value(ref_canon[:s.samples], ref_canon[s.samples:])}
+    hmc = _hmc_reference(pc, out, dataset, skeleton, show_progress) if s.hmc_reference else None
+    if hmc is not None:  # the trained reference against HMC: how far apart the two are
+        floor.update(reference_to_hmc=mmd_value(ref_flat, hmc[0]),
+                     reference_to_hmc_ns=mmd_value(ref_canon, hmc[1]))
     bar = Progress(len(specs), "posterior study", enabled=show_progress)
     rows, projections = [], {}
     for i, spec in enumerate(specs):
@@ -436,6 +480,9 @@ def run_study(pc: PosteriorConfig, out: Path, show_progress: bool = True) -> Pat
                        "members": spec.members, "samples": samples.count,
                        "mmd": mmd_value(flat, ref_flat), "mmd_ns": mmd_value(canon, ref_canon),
                        **uncertainty_row(run, s.ood)}
+                if hmc is not None:
+                    row.update(mmd_hmc=mmd_value(flat, hmc[0]),
+                               mmd_hmc_ns=mmd_value(canon, hmc[1]))
                 atomic_write_json(row_path, row)
                 rows.append(row)
         bar.update(i + 1, run=spec.name, mmd=rows[-1]["mmd"])
@@ -446,6 +493,11 @@ def run_study(pc: PosteriorConfig, out: Path, show_progress: bool = True) -> Pat
 # ------------------------------------------------------------------------------ output
 
 
+def present_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The :data:`COLUMNS` every row has (the HMC columns only with an HMC reference)."""
+    return [c for c in COLUMNS if all(c in r for r in rows)]
+
+
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and sample std over seeds per (method, mode): ``{column: (mean, std, n)}``."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -454,7 +506,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for (method, mode), group in groups.items():
         entry: dict[str, Any] = {"method": method, "mode": mode, "seeds": len(group)}
-        for col in COLUMNS:
+        for col in present_columns(group):
             values = np.array([r[col] for r in group], dtype=float)
             std = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
             entry[col] = (float(values.mean()), std)
@@ -469,7 +521,8 @@ def _fmt(mean: float, std: float) -> str:
 def results_markdown(summary: list[dict[str, Any]], floor: dict[str, float],
                      study: StudyConfig) -> str:
     """The study's table (mean ± std over seeds) and its legend, as Markdown."""
-    head = ["method", "mode", "seeds", *(HEADERS[c] for c in COLUMNS)]
+    columns = [c for c in COLUMNS if summary and all(c in e for e in summary)]
+    head = ["method", "mode", "seeds", *(HEADERS[c] for c in columns)]
     lines = [
         "# Posterior study",
         "",
@@ -482,13 +535,17 @@ def results_markdown(summary: list[dict[str, Any]], floor: dict[str, float],
         "|" + "|".join("---" for _ in head) + "|",
     ]
     for e in summary:
-        cells = [e["method"], e["mode"], str(e["seeds"]), *(_fmt(*e[c]) for c in COLUMNS)]
+        cells = [e["method"], e["mode"], str(e["seeds"]), *(_fmt(*e[c]) for c in columns)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
         f"Noise floor (MMD² of {study.samples} reference networks against the other "
         f"{study.reference - study.samples}): {floor['mmd']:.4f} before, {floor['mmd_ns']:.4f} "
-        f"after symmetry removal.",
+        f"after symmetry removal."
+        + (f" HMC reference ({study.hmc_chains} chains, {study.reference} draws): MMD² of the "
+           f"trained reference to it {floor['reference_to_hmc']:.4f} before, "
+           f"{floor['reference_to_hmc_ns']:.4f} after symmetry removal."
+           if "reference_to_hmc" in floor else ""),
         "",
         "MMD²: mean over Gaussian and Laplace kernels × 10 bandwidths of the unbiased MMD² to "
         "the reference (NS: after symmetry removal). AUPR (OOD positive) and FPR95 use the "
@@ -589,7 +646,7 @@ def write_results(out: Path, rows: list[dict[str, Any]], floor: dict[str, float]
     from diverse.html import markdown_to_html
 
     buffer = io.StringIO()
-    keys = ["method", "mode", "seed", "members", "samples", *COLUMNS]
+    keys = ["method", "mode", "seed", "members", "samples", *present_columns(rows)]
     writer = csv.DictWriter(buffer, fieldnames=keys, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
