@@ -55,7 +55,7 @@ def plot_training_curves(history: list[dict[str, Any]], path: Path) -> None:
         axes[0].plot(*zip(*test, strict=True), "s-", label=f"{split} NLL (ensemble)")
     axes[0].set_xlabel("epoch")
     axes[0].set_ylabel("loss")
-    axes[0].legend()
+    axes[0].legend(loc="upper right")  # "best" is slow (and warns) on long histories
     key, test_key, label = (("train_accuracy", f"{split}_accuracy", "accuracy")
                             if "train_accuracy" in history[0]
                             else ("train_neg_mse", f"{split}_rmse", "−MSE / RMSE"))
@@ -65,7 +65,7 @@ def plot_training_curves(history: list[dict[str, Any]], path: Path) -> None:
         axes[1].plot(*zip(*test, strict=True), "s-", label=f"test ({test_key})")
     axes[1].set_xlabel("epoch")
     axes[1].set_ylabel(label)
-    axes[1].legend()
+    axes[1].legend(loc="lower right")
     fig.suptitle("Training curves")
     _save(fig, path)
 
