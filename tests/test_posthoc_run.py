@@ -266,3 +266,18 @@ def test_compare_row_has_every_posthoc_figure(calibrated_run):
         assert key in row
     assert main_column("aurc[msp]") and main_column("accuracy") and main_column("auroc[rotated]")
     assert not main_column("aurc[energy]") and not main_column("auroc[uniform/energy]")
+
+
+def test_raps_settings_are_options_kept_across_evaluations(calibrated_run, capsys):
+    assert main(["evaluate", str(calibrated_run), "--raps-lambda", "0.5", "--raps-k-reg", "1",
+                 "--quiet"]) == 0
+    cal = load_calibration(calibrated_run)
+    assert (cal.raps_lambda, cal.raps_k_reg) == (0.5, 1)
+    figures = json.loads((calibrated_run / "metrics.json").read_text())
+    assert figures["conformal"]["raps_lambda"] == 0.5
+    assert main(["evaluate", str(calibrated_run), "--quiet"]) == 0  # kept when not given
+    assert load_calibration(calibrated_run).raps_lambda == 0.5
+    assert main(["evaluate", str(calibrated_run), "--raps-lambda", "-1"]) == 2
+    assert "--raps-lambda -1.0" in capsys.readouterr().err
+    assert main(["evaluate", str(calibrated_run), "--raps-lambda", "0.01", "--raps-k-reg", "2",
+                 "--quiet"]) == 0

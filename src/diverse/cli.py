@@ -8,6 +8,7 @@ exits with code 1 and keeps its last good checkpoint.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import sys
@@ -76,6 +77,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="print conformal coverage and set size at miscoverage ALPHA in (0, 1) "
                          "(repeatable; calibrated on the run's validation split, [data] "
                          "validation_fraction)")
+    ev.add_argument("--raps-lambda", type=float, default=None, metavar="L",
+                    help="RAPS penalty weight lambda >= 0 (default 0.01)")
+    ev.add_argument("--raps-k-reg", type=int, default=None, metavar="K",
+                    help="RAPS: ranks beyond K are penalized, K >= 0 (default 2)")
     ev.add_argument("--quiet", action="store_true")
     pr = sub.add_parser("predict", help="predict on new inputs (.npz with an array x, in the "
                         "units of the training data) with a trained run")
@@ -110,13 +115,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _finish(run, run_dir: Path, quiet: bool, ood: list[str] | None = None,
-            shift: int = 0, conformal_alphas: Sequence[float] = ()) -> None:
+            shift: int = 0, conformal_alphas: Sequence[float] = (),
+            raps: tuple[float, int] | None = None) -> None:
     from diverse.conformal import ALPHAS
     from diverse.evaluate import evaluate, fit_run_calibration, write_evaluation
     from diverse.report import write_report
 
     alphas = sorted({*ALPHAS, *conformal_alphas})
-    calibration = fit_run_calibration(run)
+    calibration = fit_run_calibration(run, *(raps or ()))
     figures, arrays = evaluate(run, ood, calibration, alphas)
     if shift > 0:
         from diverse.shift import shift_evaluation
@@ -221,6 +227,17 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         if not 0 < alpha < 1:
             raise UserError(f"--conformal {alpha}: the miscoverage level must be in (0, 1), "
                             "e.g. 0.1 for 90% coverage")
+    from diverse.conformal import RAPS_K_REG, RAPS_LAMBDA
+    from diverse.posthoc import load_calibration
+
+    saved = load_calibration(run_dir)  # keep the RAPS settings of an earlier evaluation
+    raps = (args.raps_lambda if args.raps_lambda is not None else
+            (saved.raps_lambda if saved else RAPS_LAMBDA),
+            args.raps_k_reg if args.raps_k_reg is not None else
+            (saved.raps_k_reg if saved else RAPS_K_REG))
+    if not (raps[0] >= 0 and math.isfinite(raps[0])) or raps[1] < 0:
+        raise UserError(f"--raps-lambda {raps[0]} / --raps-k-reg {raps[1]}: lambda must be a "
+                        "finite number >= 0 and k_reg an integer >= 0")
     if args.conformal and not cfg.data.validation_fraction > 0:
         raise UserError(f"--conformal needs a validation split to calibrate on; {run_dir} was "
                         "trained with [data] validation_fraction = 0 (train again with e.g. "
@@ -242,7 +259,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         atomic_write_text(run_dir / "config.toml", config_to_toml(
             replace(saved, "method", predict_members=args.predict_members)))
     _finish(run, run_dir, args.quiet, args.ood, args.shift_examples if args.shift else 0,
-            args.conformal)
+            args.conformal, raps)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:

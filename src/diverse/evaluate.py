@@ -348,13 +348,14 @@ def mcmc_figures(run: Run, pred: dict[str, Tensor]) -> dict[str, float]:
     return out
 
 
-def fit_run_calibration(run: Run) -> Calibration | None:
+def fit_run_calibration(run: Run, raps_lambda: float = conformal.RAPS_LAMBDA,
+                        raps_k_reg: int = conformal.RAPS_K_REG) -> Calibration | None:
     """Temperatures / std scale and conformal scores fitted on the run's validation
     split (:func:`diverse.posthoc.fit_calibration`); ``None`` without one."""
     data = run.dataset
     if not data.has_validation:
         return None
-    return fit_calibration(predict_run(run, data.x_val), data.y_val)
+    return fit_calibration(predict_run(run, data.x_val), data.y_val, raps_lambda, raps_k_reg)
 
 
 def evaluate(run: Run, ood_names: list[str] | None = None,
