@@ -272,7 +272,7 @@ def test_digits():
 def test_npz_classification_and_regression(tmp_path):
     x_tr, x_te, x_ood = (RNG.random((n, 2, 3)) for n in (6, 4, 5))
     p = tmp_path / "c.npz"
-    np.savez(p, x_train=x_tr, y_train=np.array([0, 2, 1, 0, 2, 1]), x_test=x_te,
+    np.savez(p, x_train=x_tr, y_train=np.array([0, 2, 1, 3, 4, 1]), x_test=x_te,
              y_test=np.array([4, 0, 1, 2]), x_ood=x_ood)
     d = load_dataset(DataConfig(name="npz", path=str(p), normalize=False))
     assert d.task == "classification" and d.num_outputs == 5 and d.input_shape == (2, 3)

@@ -204,7 +204,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     try:
         (run_dir / "config.toml").write_text(config_to_toml(cfg))
         train(run, run_dir, show_progress=not args.quiet)
-    except UserError:
+    except (UserError, DivergenceError):
+        # nothing to resume from: leave no folder behind that would block a rerun
         if created and not (run_dir / "checkpoints" / "latest.json").exists():
             shutil.rmtree(run_dir, ignore_errors=True)
         raise

@@ -15,6 +15,7 @@ Unknown sections or keys, wrong types and unknown names raise
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -208,6 +209,12 @@ def validate(cfg: Config) -> Config:
             raise UserError(f"{where} = {value}: must be an integer >= 1")
     if cfg.train.epochs < 1 and cfg.train.steps < 1:
         raise UserError(f"[train] epochs = {cfg.train.epochs}: must be >= 1 (or set steps >= 1)")
+    t = cfg.train
+    for key, value in (("lr", t.lr), ("momentum", t.momentum), ("final_lr_factor",
+                       t.final_lr_factor), ("prior_std", t.prior_std),
+                       ("weight_decay", t.weight_decay), *(("betas", b) for b in t.betas)):
+        if not math.isfinite(value):
+            raise UserError(f"[train] {key} = {value}: must be a finite number")
     if not cfg.train.lr > 0:
         raise UserError(f"[train] lr = {cfg.train.lr}: must be > 0")
     if cfg.train.prior_std < 0 or cfg.train.weight_decay < 0:

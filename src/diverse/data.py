@@ -45,6 +45,10 @@ from diverse.toys import TOYS
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
+#: ``[data] task`` values (how an ``npz`` file's targets are read).
+TASKS = ("auto", "classification", "regression")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """The ``[data]`` section of a config.
@@ -69,6 +73,10 @@ class DataConfig:
         noise_std: toys: observation / input noise std. Default ``-1.0``: the toy's default.
         seed: seed of toy generation, the train-subset shuffle, the validation split and
             noise OOD sets. Default ``0``.
+        task: ``npz`` only: ``"auto"`` (default: integer labels are classification,
+            float targets regression; float targets that are all whole numbers are
+            refused as ambiguous), ``"classification"`` (whole-number float labels
+            become integer classes) or ``"regression"``.
         near_ood: OOD set names counted as *near* OOD in the report, besides the
             built-in table (:func:`diverse.ood.ood_group`). Default ``()``.
         validation_fraction: in ``[0, 1)``: the fraction of the training examples (after
@@ -90,11 +98,14 @@ class DataConfig:
     seed: int = 0
     validation_fraction: float = 0.0
     near_ood: tuple[str, ...] = ()
+    task: str = "auto"
 
     def __post_init__(self) -> None:
         for key in ("train_subset", "test_subset", "n_train"):
             if getattr(self, key) < 0:
                 raise UserError(f"[data] {key} = {getattr(self, key)} must be >= 0 (0: default)")
+        if self.task not in TASKS:
+            raise UserError(f"[data] task = {self.task!r}: allowed {', '.join(TASKS)}")
         if not 0 <= self.validation_fraction < 1:
             raise UserError(f"[data] validation_fraction = {self.validation_fraction}: must be in "
                             "[0, 1) (0: no validation split)")
@@ -439,6 +450,11 @@ def load_npz(cfg: DataConfig) -> Dataset:
     x = {k: torch.from_numpy(a[k].astype(np.float32)) for k in ("x_train", "x_test", "x_ood")
          if k in a}
     x = {k: v.unsqueeze(1) if v.dim() == 1 else v for k, v in x.items()}
+    for k, v in x.items():
+        if v.dim() == 4 and v.shape[3] in (1, 3, 4) and v.shape[1] not in (1, 3, 4):
+            raise UserError(f"npz: {k} has shape {tuple(v.shape)}, which looks channels-last "
+                            "(N, H, W, C); diverse expects channels-first images (N, C, H, W): "
+                            "save x.transpose(0, 3, 1, 2)")
     for k in ("x_test", "x_ood"):
         if k in x and x[k].shape[1:] != x["x_train"].shape[1:]:
             raise UserError(f"npz: {k} has input shape {tuple(x[k].shape[1:])}, x_train has "
@@ -448,10 +464,30 @@ def load_npz(cfg: DataConfig) -> Dataset:
         if len(ys) != len(xs):
             raise UserError(f"npz: x_{split} has {len(xs)} rows but y_{split} has {len(ys)}")
     kinds = {y_tr.dtype.kind, y_te.dtype.kind}
+    whole = kinds == {"f"} and all(np.isfinite(y).all() and np.array_equal(y, np.round(y))
+                                   for y in (y_tr, y_te))
+    if cfg.task == "classification" and whole and y_tr.ndim == 1 and y_te.ndim == 1:
+        y_tr, y_te = y_tr.astype(np.int64), y_te.astype(np.int64)
+        kinds = {"i"}
+    elif cfg.task == "classification" and not kinds <= {"i", "u"}:
+        raise UserError(f"npz: [data] task = 'classification' needs whole-number labels of "
+                        f"shape (N,); got y_train {y_tr.dtype} {y_tr.shape}, y_test "
+                        f"{y_te.dtype} {y_te.shape}")
+    elif cfg.task == "auto" and whole:
+        values = np.unique(np.concatenate([y_tr.ravel(), y_te.ravel()]))
+        shown = ", ".join(f"{v:g}" for v in values[:5]) + (", ..." if len(values) > 5 else "")
+        raise UserError(f"npz: y_train / y_test are {y_tr.dtype} but hold only whole numbers "
+                        f"({shown}): for classification save integer labels "
+                        "(y.astype(int)) or set [data] task = \"classification\"; for "
+                        "regression set [data] task = \"regression\"")
+    if cfg.task == "regression" and kinds <= {"i", "u"}:
+        y_tr, y_te = y_tr.astype(np.float32), y_te.astype(np.float32)
+        kinds = {"f"}
     if kinds <= {"i", "u"}:
         if y_tr.ndim != 1 or y_te.ndim != 1 or min(y_tr.min(initial=0), y_te.min(initial=0)) < 0:
             raise UserError("npz: integer labels must be 1-D (N,) arrays of values >= 0")
         task, num = "classification", int(max(y_tr.max(initial=0), y_te.max(initial=0))) + 1
+        check_class_labels(y_tr, y_te, path)
         t_tr, t_te = (torch.from_numpy(y.astype(np.int64)) for y in (y_tr, y_te))
     elif kinds == {"f"}:
         t_tr, t_te = (torch.from_numpy(y.astype(np.float32)).reshape(len(y), -1)
@@ -465,6 +501,36 @@ def load_npz(cfg: DataConfig) -> Dataset:
                         f"float (regression), got {y_tr.dtype} and {y_te.dtype}")
     ood = {"npz": x["x_ood"]} if "x_ood" in x else {}
     return _raw("npz", task, x["x_train"], t_tr, x["x_test"], t_te, num, ood)
+
+
+def check_class_labels(y_train: np.ndarray, y_test: np.ndarray, source: object) -> None:
+    """Classes must be ``0..C−1``, every one present in training, none new in the test set."""
+    present = np.unique(y_train)
+    unseen = sorted(set(np.unique(y_test).tolist()) - set(present.tolist()))
+    if unseen:
+        raise UserError(f"{source}: y_test has classes {unseen[:8]} that y_train does not have")
+    c = int(y_train.max(initial=0)) + 1
+    missing = sorted(set(range(c)) - set(present.tolist()))
+    if missing:
+        hint = " (1-based labels? subtract 1)" if missing == [0] else ""
+        shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
+        raise UserError(f"{source}: class labels must be 0..C-1 with every class in y_train; "
+                        f"C = {c} but y_train has no example of class {shown}{hint}")
+
+
+def check_finite(dataset: Dataset) -> None:
+    """UserError naming the first input array (train, validation, test, OOD) or regression
+    target array that holds NaN or inf."""
+    arrays = {"x_train": dataset.x_train, "x_test": dataset.x_test,
+              **({"x_val": dataset.x_val} if dataset.x_val is not None else {}),
+              **{f"OOD set {k!r}": v for k, v in dataset.ood.items()}}
+    if dataset.task == "regression":
+        arrays.update(y_train=dataset.y_train, y_test=dataset.y_test)
+    for name, x in arrays.items():
+        if x.dtype.is_floating_point and not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            raise UserError(f"{dataset.name}: {name} has {bad} NaN or inf value(s); clean the "
+                            "data (e.g. np.nan_to_num) or drop those examples")
 
 
 def _load_toy(name: str, cfg: DataConfig) -> Dataset:
@@ -554,6 +620,8 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         ood[name] = ood_sets.build_ood(name, cfg.name, x_te, cfg.seed, load_test_images)
     if cfg.test_subset > 0:
         ood = {k: v[: cfg.test_subset] for k, v in ood.items()}
+    check_finite(Dataset(d.name, d.task, x_tr, y_tr, x_te, y_te, d.num_outputs, ood, d.mean,
+                         d.std, x_val, y_val))  # before normalization spreads a NaN
     mean, std = d.mean, d.std
     if cfg.normalize:
         mean, std = channel_stats(x_tr)

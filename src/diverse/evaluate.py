@@ -388,7 +388,9 @@ def evaluate(run: Run, ood_names: list[str] | None = None,
         arrays["labels"] = labels.numpy()
         if logits is not None:
             arrays["logits"] = logits.float().numpy()
-        names = list(data.ood) if ood_names is None else ood_names
+        # an npz file's own x_ood set is part of the data: kept when --ood names others
+        names = list(data.ood) if ood_names is None else [
+            *ood_names, *(n for n in data.ood if n == "npz" and n not in ood_names)]
         ood: dict[str, tuple[Tensor, Tensor | None]] = {}
         for name in names:
             pred_out = predict_run(run, data.ood[name])

@@ -18,6 +18,7 @@ gathers all members into the usual checkpoint and writes history and logs.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -121,6 +122,7 @@ def build_run(cfg: Config, dataset: Dataset | None = None, comm: Comm | None = N
     outputs = likelihood.outputs_per_target(dataset.num_outputs)
     probe = build_model(cfg.model, dataset.input_shape, outputs)  # validate, outside the seeding
     distributed.check_sharding(comm, cfg.method, cfg.train.prior_std, probe)
+    check_memory(cfg, probe, device, comm)
 
     spec = METHODS[cfg.method.name]
     ensemble = build_ensemble(cfg, dataset.input_shape, outputs, device, comm)
@@ -131,6 +133,34 @@ def build_run(cfg: Config, dataset: Dataset | None = None, comm: Comm | None = N
         nesterov=t.nesterov, betas=(t.betas[0], t.betas[1]), weight_decay=t.weight_decay,
     )
     return Run(cfg, dataset, likelihood, ensemble, update, optimizer, device, comm)
+
+
+#: Stacked tensors per parameter held in training: weights, gradients, two optimizer moments.
+TRAINING_COPIES = 4
+
+
+def check_memory(cfg: Config, probe: torch.nn.Module, device: torch.device,
+                 comm: Comm = SINGLE) -> None:
+    """UserError when this rank's members cannot fit: the estimated bytes of weights,
+    gradients and optimizer state (:data:`TRAINING_COPIES` × members × parameters ×
+    4 bytes, activations not counted) exceed the device's memory."""
+    count = sum(p.numel() for p in probe.parameters())
+    members = math.ceil(cfg.ensemble.members / comm.size)
+    need = TRAINING_COPIES * members * count * 4
+    if device.type == "cuda":
+        have = torch.cuda.get_device_properties(device).total_memory
+        where = f"the GPU's {have / 2**30:.1f} GiB"
+    else:
+        try:
+            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return
+        where = f"this machine's {have / 2**30:.1f} GiB"
+    if need > have:
+        raise UserError(f"[ensemble] members = {cfg.ensemble.members}: {members} members × "
+                        f"{count:,} parameters need about {need / 2**30:,.1f} GiB for weights, "
+                        f"gradients and optimizer state, more than {where}; use fewer members "
+                        "or a smaller model")
 
 
 def build_ensemble(cfg: Config, input_shape: tuple[int, ...], outputs: int,
@@ -301,9 +331,12 @@ def train(
             finite_grads = all(bool(torch.isfinite(g).all()) for g in result.grads.values())
             if comm.any(not bool(torch.isfinite(result.loss).all()) or not finite_grads):
                 what = "loss" if finite_grads else "update (gradient)"
+                kept = (f"the last good checkpoint is epoch {epoch - 1} in {run_dir}/checkpoints"
+                        if (Path(run_dir) / "checkpoints" / "latest.json").is_file()
+                        else "no checkpoint was written yet")
                 raise DivergenceError(
                     f"non-finite {what} at epoch {epoch} step {i + 1} (global step {step + 1}); "
-                    f"the last good checkpoint is epoch {epoch - 1} in {run_dir}/checkpoints"
+                    f"{kept}"
                 )
             for name, p in ens.params.items():
                 p.grad = result.grads[name]
