@@ -94,3 +94,26 @@ def test_evaluate_with_ood_keeps_the_npz_sets_own_ood(tmp_path):
     assert main(["evaluate", str(out), "--ood", "uniform", "--quiet"]) == 0
     figures = json.loads((out / "metrics.json").read_text())
     assert set(figures["ood"]) == {"uniform", "npz"}
+
+
+def test_relative_data_paths_are_resolved_against_the_config_file(tmp_path, monkeypatch):
+    from diverse.config import load_config
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    data = _npz(folder, x_ood=np.zeros((4, 3), np.float32))
+    (folder / "c.toml").write_text('[data]\nname = "npz"\npath = "data.npz"\n'
+                                   'ood = ["npz:data.npz", "uniform"]\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(folder / "c.toml")
+    assert cfg.data.path == str(data) and cfg.data.ood == (f"npz:{data}", "uniform")
+    # --set paths are relative to the working directory
+    (elsewhere / "other.npz").write_bytes(data.read_bytes())
+    cfg = load_config(folder / "c.toml", ["data.path=other.npz"])
+    assert cfg.data.path == str(elsewhere / "other.npz")
+    assert main(["train", str(folder / "c.toml"), "--set", "model.hidden=[4]",
+                 "--set", "train.epochs=1", "--set", "ensemble.members=2", "--out", "run",
+                 "--quiet"]) == 0
+    assert f'path = "{data}"' in (elsewhere / "run" / "config.toml").read_text()

@@ -273,13 +273,48 @@ def read_toml(path: str | Path | None) -> dict[str, Any]:
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a TOML config (or start from defaults) and apply ``--set`` overrides."""
     raw = read_toml(path)
+    if path is not None:  # the file's own paths are relative to the file
+        absolute_data_paths(raw, Path(path).expanduser().resolve().parent)
     for text in overrides:
         section, key, value = parse_override(text)
+        if section == "data":  # --set paths are relative to the working directory
+            fixed = {"data": {key: value}}
+            absolute_data_paths(fixed, Path.cwd())
+            value = fixed["data"][key]
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise UserError(f"[{section}] must be a table")
         raw[section][key] = value
     return config_from_dict(raw)
+
+
+def _absolute(path: str, base: Path) -> str:
+    if not isinstance(path, str) or not path:
+        return path
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _absolute_ood(names: Any, base: Path) -> Any:
+    if not isinstance(names, list | tuple):
+        return names
+    return [f"npz:{_absolute(n[4:], base)}" if isinstance(n, str) and n.startswith("npz:")
+            else n for n in names]
+
+
+def absolute_data_paths(raw: dict[str, Any], base: Path) -> None:
+    """Make ``[data] path`` and ``npz:PATH`` OOD entries absolute against ``base``, in place.
+
+    A config file's paths are relative to its folder, ``--set`` paths to the working
+    directory; the run directory stores them absolute, so a run evaluates from anywhere.
+    """
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return
+    if "path" in data:
+        data["path"] = _absolute(data["path"], base)
+    if "ood" in data:
+        data["ood"] = _absolute_ood(data["ood"], base)
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
