@@ -562,3 +562,21 @@ def test_ood_and_regression_input_validation() -> None:
         mt.regression_calibration_error(means, -stds, targets)
     with pytest.raises(ValueError, match=r"\(M, N\) or \(M, N, D\)"):
         mt.rmse(means[0], targets)
+
+
+def test_metrics_accept_numpy_arrays():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 20, 4, generator=g, dtype=torch.float64)
+    probs, labels = logits.softmax(-1), torch.randint(0, 4, (20,), generator=g)
+    p_np, y_np = probs.numpy(), labels.numpy()
+    assert mt.classification_metrics(p_np, y_np) == mt.classification_metrics(
+        probs, labels)
+    assert torch.equal(mt.nll_from_logits(logits.numpy(), y_np),
+                       mt.nll_from_logits(logits, labels))
+    torch.testing.assert_close(mt.mutual_information(p_np), mt.mutual_information(probs))
+    s_in, s_out = np.linspace(0, 1, 10), np.linspace(0.5, 2, 7)
+    assert mt.ood_detection(s_in, s_out) == mt.ood_detection(torch.from_numpy(s_in),
+                                                                       torch.from_numpy(s_out))
+    means, stds, y = np.zeros((2, 5)), np.ones((2, 5)), np.arange(5.0)
+    assert mt.regression_metrics(means, stds, y) == mt.regression_metrics(
+        torch.from_numpy(means), torch.from_numpy(stds), torch.from_numpy(y))

@@ -7,6 +7,7 @@ Conventions
   (integer class indices). An ensemble of one is ``probs.unsqueeze(0)``.
 * Regression: member means and standard deviations ``(M, N)`` with targets ``(N,)``, or
   ``(M, N, D)`` with targets ``(N, D)``; see :func:`rmse` for how ``D`` is handled.
+* Inputs may be tensors or NumPy arrays (converted without a copy where possible).
 * Everything is computed in float64 on the input's device. Scalar metrics return 0-dim
   tensors, per-example scores return ``(N,)`` tensors, the ``*_metrics`` summaries and
   :func:`ood_detection` return ``dict[str, float]``.
@@ -18,7 +19,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -52,8 +55,14 @@ _PROB_ATOL = 1e-3  # tolerance on "rows sum to 1" (float32/float16 softmax outpu
 # --------------------------------------------------------------------------- validation
 
 
+def _tensor(x: Any) -> Any:
+    """A NumPy array as a tensor (no copy); anything else unchanged."""
+    return torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
+
+
 def _check_probs(probs: Tensor, name: str = "probs") -> Tensor:
     """Validate member probabilities ``(M, N, C)`` and return them as float64."""
+    probs = _tensor(probs)
     if not isinstance(probs, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(probs).__name__}")
     if probs.dim() != 3:
@@ -81,6 +90,7 @@ def _check_probs(probs: Tensor, name: str = "probs") -> Tensor:
 
 def _check_labels(labels: Tensor, n: int, c: int) -> Tensor:
     """Validate integer labels ``(N,)`` with values in ``[0, C)``."""
+    labels = _tensor(labels)
     if not isinstance(labels, Tensor):
         raise ValueError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dim() != 1 or labels.shape[0] != n:
@@ -180,6 +190,7 @@ def nll_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
     Returns:
         0-dim float64.
     """
+    logits = _tensor(logits)
     if not isinstance(logits, Tensor) or logits.dim() != 3:
         shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(f"logits must have shape (M, N, C), got {shape}")
@@ -416,6 +427,7 @@ def disagreement_with_mean(probs: Tensor) -> Tensor:
 
 
 def _check_scores(score: Tensor, name: str) -> Tensor:
+    score = _tensor(score)
     if not isinstance(score, Tensor) or score.dim() != 1:
         shape = tuple(score.shape) if isinstance(score, Tensor) else type(score).__name__
         raise ValueError(f"{name} must be a 1-d tensor of scores, got {shape}")
@@ -567,6 +579,7 @@ def _check_regression(
     means: Tensor, stds: Tensor | None, targets: Tensor | None
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Validate and flatten to ``(M, N·D)`` / ``(N·D,)`` float64."""
+    means, stds, targets = _tensor(means), _tensor(stds), _tensor(targets)
     if not isinstance(means, Tensor) or means.dim() not in (2, 3):
         shape = tuple(means.shape) if isinstance(means, Tensor) else type(means).__name__
         raise ValueError(f"means must have shape (M, N) or (M, N, D), got {shape}")
