@@ -49,7 +49,10 @@ def plot_training_curves(history: list[dict[str, Any]], path: Path) -> None:
     epochs = [r["epoch"] for r in history]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     split = "val" if any("val_nll" in r for r in history) else "test"
-    axes[0].plot(epochs, [r["train_loss"] for r in history], "o-", label="train objective")
+    axes[0].plot(epochs, [r["train_loss"] for r in history], "o-",
+                 label="train objective (the method's)")
+    if "train_nll" in history[0]:
+        axes[0].plot(epochs, [r["train_nll"] for r in history], "^-", label="train NLL (members)")
     test = [(r["epoch"], r[f"{split}_nll"]) for r in history if f"{split}_nll" in r]
     if test:
         axes[0].plot(*zip(*test, strict=True), "s-", label=f"{split} NLL (ensemble)")

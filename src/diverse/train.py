@@ -318,7 +318,7 @@ def train(
         order = torch.randperm(n, generator=shuffle).to(run.device)
         ens.train()
         t0 = time.perf_counter()
-        sums = {"loss": 0.0, "fit": 0.0, "count": 0, "steps": 0}
+        sums = {"loss": 0.0, "fit": 0.0, "nll": 0.0, "count": 0, "steps": 0}
         diag: dict[str, float] = {}
         for i in range(spe):
             if step >= total:
@@ -343,8 +343,10 @@ def train(
             run.optimizer.step()
             step += 1
             fit = run.likelihood.correct(result.outputs, y_train[idx]).mean()
+            nll = run.likelihood.nll(result.outputs, y_train[idx]).mean()  # data term only
             sums["loss"] += float(result.loss.mean()) * len(idx)
             sums["fit"] += float(fit) * len(idx)
+            sums["nll"] += float(nll) * len(idx)
             sums["count"] += len(idx)
             sums["steps"] += 1
             for key, value in result.logs.items():
@@ -357,11 +359,15 @@ def train(
             if on_step is not None:
                 on_step(step)
         # sharded: the live figures above are rank 0's members; the epoch's are all members'
-        sums["loss"], sums["fit"] = comm.mean(
-            torch.tensor([sums["loss"], sums["fit"]], dtype=torch.float64)).tolist()
+        sums["loss"], sums["fit"], sums["nll"] = comm.mean(torch.tensor(
+            [sums["loss"], sums["fit"], sums["nll"]], dtype=torch.float64)).tolist()
+        # train_loss: the method's own objective per example (what it includes — prior,
+        # KL, diversity terms — is the method's); train_nll: the mean member NLL of the
+        # batches, the same quantity for every method
         record: dict[str, Any] = {
             "epoch": epoch, "step": step, "lr": lr, "seconds": time.perf_counter() - t0,
             "train_loss": sums["loss"] / max(sums["count"], 1),
+            "train_nll": sums["nll"] / max(sums["count"], 1),
             ("train_accuracy" if data.task == "classification" else "train_neg_mse"):
                 sums["fit"] / max(sums["count"], 1),
         }
