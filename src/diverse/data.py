@@ -77,6 +77,10 @@ class DataConfig:
             float targets regression; float targets that are all whole numbers are
             refused as ambiguous), ``"classification"`` (whole-number float labels
             become integer classes) or ``"regression"``.
+        augment: random crop with ``crop_padding`` pixels of padding and horizontal flip of
+            every training batch (images only; :mod:`diverse.augment`; seeded per epoch,
+            so a resumed run augments identically). Default ``False``.
+        crop_padding: padding of the random crop, ≥ 0 (default 4, the CIFAR setups').
         near_ood: OOD set names counted as *near* OOD in the report, besides the
             built-in table (:func:`diverse.ood.ood_group`). Default ``()``.
         validation_fraction: in ``[0, 1)``: the fraction of the training examples (after
@@ -99,11 +103,15 @@ class DataConfig:
     validation_fraction: float = 0.0
     near_ood: tuple[str, ...] = ()
     task: str = "auto"
+    augment: bool = False
+    crop_padding: int = 4
 
     def __post_init__(self) -> None:
         for key in ("train_subset", "test_subset", "n_train"):
             if getattr(self, key) < 0:
                 raise UserError(f"[data] {key} = {getattr(self, key)} must be >= 0 (0: default)")
+        if self.crop_padding < 0:
+            raise UserError(f"[data] crop_padding = {self.crop_padding}: must be >= 0")
         if self.task not in TASKS:
             raise UserError(f"[data] task = {self.task!r}: allowed {', '.join(TASKS)}")
         if not 0 <= self.validation_fraction < 1:

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from diverse import distributed, metrics, precision
 from diverse import samples as sample_set
+from diverse.augment import crop_and_flip
 from diverse.catalog import METHODS, predict_samples
 from diverse.checkpoint import load_checkpoint, save_checkpoint
 from diverse.config import Config, config_to_dict
@@ -113,6 +114,9 @@ def build_run(cfg: Config, dataset: Dataset | None = None, comm: Comm | None = N
     device = distributed.rank_device(device) if comm.size > 1 else device
     dataset = dataset if dataset is not None else load_dataset(cfg.data)
     likelihood = build_likelihood(cfg.likelihood)
+    if cfg.data.augment and len(dataset.input_shape) != 3:
+        raise UserError(f"[data] augment = true needs image data (N, C, H, W); {dataset.name!r} "
+                        f"has inputs of shape {dataset.input_shape}")
     if likelihood.task != dataset.task:
         want = "gaussian" if dataset.task == "regression" else "categorical"
         raise UserError(
@@ -306,6 +310,8 @@ def train(
         write_data_spec(run_dir, data)
     x_train = data.x_train.to(run.device)
     y_train = data.y_train.to(run.device)
+    augment = cfg.data.augment
+    black = tuple(-m / s for m, s in zip(data.mean, data.std, strict=True))  # padding value
     n, spe, total = len(x_train), run.steps_per_epoch, run.total_steps
     bar = Progress(total, f"train {cfg.method.name} M={cfg.ensemble.members}",
                    enabled=show_progress and lead, start=step)
@@ -316,6 +322,8 @@ def train(
         torch.manual_seed(epoch_seed(t.seed, epoch))
         shuffle = torch.Generator().manual_seed(epoch_seed(t.seed, epoch))
         order = torch.randperm(n, generator=shuffle).to(run.device)
+        crops = (torch.Generator(device=run.device).manual_seed(epoch_seed(t.seed, epoch) + 1)
+                 if augment else None)
         ens.train()
         t0 = time.perf_counter()
         sums = {"loss": 0.0, "fit": 0.0, "nll": 0.0, "count": 0, "steps": 0}
@@ -326,7 +334,10 @@ def train(
             idx = order[i * t.batch_size:(i + 1) * t.batch_size]
             lr = t.lr * schedule_factor(t.schedule, step / total, final=t.final_lr_factor)
             set_lr(run.optimizer, lr)
-            result = run.update(Step(ens, x_train[idx], y_train[idx], run.likelihood, n,
+            xb = x_train[idx]
+            if crops is not None:
+                xb = crop_and_flip(xb, cfg.data.crop_padding, crops, black)
+            result = run.update(Step(ens, xb, y_train[idx], run.likelihood, n,
                                      t.prior_std, step / total, step, comm=comm))
             finite_grads = all(bool(torch.isfinite(g).all()) for g in result.grads.values())
             if comm.any(not bool(torch.isfinite(result.loss).all()) or not finite_grads):
