@@ -277,14 +277,18 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         absolute_data_paths(raw, Path(path).expanduser().resolve().parent)
     for text in overrides:
         section, key, value = parse_override(text)
-        if section == "data":  # --set paths are relative to the working directory
-            fixed = {"data": {key: value}}
+        if section == "data" or (section, key) == ("model", "search_path"):
+            # --set paths are relative to the working directory
+            fixed = {section: {key: value, **({"name": "custom"} if section == "model" else {})}}
             absolute_data_paths(fixed, Path.cwd())
-            value = fixed["data"][key]
+            value = fixed[section][key]
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise UserError(f"[{section}] must be a table")
         raw[section][key] = value
+    model = raw.get("model")
+    if isinstance(model, dict) and model.get("name") == "custom" and not model.get("search_path"):
+        model["search_path"] = str(Path.cwd())  # a custom model named on the command line only
     return config_from_dict(raw)
 
 
@@ -308,6 +312,9 @@ def absolute_data_paths(raw: dict[str, Any], base: Path) -> None:
     A config file's paths are relative to its folder, ``--set`` paths to the working
     directory; the run directory stores them absolute, so a run evaluates from anywhere.
     """
+    model = raw.get("model")
+    if isinstance(model, dict) and model.get("name") == "custom":
+        model["search_path"] = _absolute(model.get("search_path") or ".", base)
     data = raw.get("data")
     if not isinstance(data, dict):
         return

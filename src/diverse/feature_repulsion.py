@@ -176,8 +176,13 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
 # ------------------------------------------------------------------ the pieces
 def resolve_layers(cfg: HECKAConfig, module: nn.Module) -> tuple[tuple[str, ...], list[float]]:
     """The compared layers and their weights (validated against the model)."""
-    layers = tuple(cfg.layers) or (*getattr(module, "feature_layers", ()), OUTPUT)
     names = dict(module.named_modules())
+    if not cfg.layers and not getattr(module, "feature_layers", ()):
+        raise UserError(f"[method] layers: model {type(module).__name__} declares no "
+                        "feature_layers, so HE-CKA would compare the outputs only; name the "
+                        "layers to compare, e.g. layers = [\"<module>\", \"output\"], from: "
+                        f"{', '.join(n for n in names if n)}")
+    layers = tuple(cfg.layers) or (*module.feature_layers, OUTPUT)
     for layer in layers:
         if layer != OUTPUT and layer not in names:
             raise UserError(f"[method] layers: {layer!r} is not a module of the model; allowed: "

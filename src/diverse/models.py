@@ -670,6 +670,74 @@ def build_preact_resnet(
     return PreActResNet(c, num_outputs, (2, 2, 2, 2), cfg.norm, cfg.groups, cfg.width)
 
 
+@dataclass(frozen=True)
+class CustomConfig:
+    """Your own ``nn.Module``: ``[model] name = "custom"``.
+
+    Attributes:
+        name: ``"custom"``.
+        factory: ``"module:function"``; ``function(input_shape, num_outputs)`` returns a
+            freshly initialized module mapping ``(B, *input_shape)`` to
+            ``(B, num_outputs)``. It is called once per member under the member's seed.
+            Give it a ``feature_layers`` attribute (module names) for the
+            feature-space methods.
+        search_path: the folder the module is imported from first (default: the config
+            file's folder, filled in by :func:`diverse.config.load_config`; then the
+            Python path). The module runs with your rights, like any script you run.
+    """
+
+    name: str = "custom"
+    factory: str = ""
+    search_path: str = ""
+
+    def __post_init__(self) -> None:
+        module, _, function = self.factory.partition(":")
+        if not (module and function and all(p.isidentifier() for p in module.split("."))
+                and function.isidentifier()):
+            raise UserError(f"[model] factory = {self.factory!r}: expected \"module:function\""
+                            ", e.g. \"my_models:make_cnn\" (my_models.py next to the config)")
+
+
+def build_custom(cfg: CustomConfig, input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
+    """Builder for ``"custom"``: import ``cfg.factory`` and call it; the module's output
+    shape is checked on a probe batch of two zeros in eval mode."""
+    import importlib
+    import sys
+
+    module_name, _, function_name = cfg.factory.partition(":")
+    added = bool(cfg.search_path) and cfg.search_path not in sys.path
+    if added:
+        sys.path.insert(0, cfg.search_path)
+    try:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            where = f" (searched {cfg.search_path!r} first)" if cfg.search_path else ""
+            raise UserError(f"[model] factory = {cfg.factory!r}: cannot import "
+                            f"{module_name!r}{where}: {err}") from err
+    finally:
+        if added:
+            sys.path.remove(cfg.search_path)
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise UserError(f"[model] factory = {cfg.factory!r}: {module_name!r} has no function "
+                        f"{function_name!r}")
+    net = function(tuple(input_shape), num_outputs)
+    if not isinstance(net, nn.Module):
+        raise UserError(f"[model] factory = {cfg.factory!r} returned {type(net).__name__}, not "
+                        "a torch.nn.Module")
+    was_training = net.training
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        out = net.eval()(torch.zeros(2, *input_shape))
+    net.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_outputs):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UserError(f"[model] factory = {cfg.factory!r}: the module maps (2, "
+                        f"{', '.join(map(str, input_shape))}) to {shape}; expected (2, "
+                        f"{num_outputs}) (one output per class or target)")
+    return net
+
+
 Builder = Callable[[Any, tuple[int, ...], int], nn.Module]
 
 #: registry name -> (config class, builder(cfg, input_shape, num_outputs)).
@@ -681,6 +749,7 @@ MODELS: dict[str, tuple[type, Builder]] = {
     "resnet32": (ResNetConfig, build_resnet),
     "resnet56": (ResNetConfig, build_resnet),
     "preact-resnet18": (PreActResNetConfig, build_preact_resnet),
+    "custom": (CustomConfig, build_custom),
 }
 
 
