@@ -476,32 +476,42 @@ SCORE_LABELS = {"msp": "max prob (MSP)", "max_logit": "max logit", "energy": "en
 
 
 def ood_lines(figures: dict[str, Any]) -> list[str]:
-    """OOD detection of every score on every set, near sets first (test set mixed in)."""
+    """OOD detection of every score on every set: one score × set matrix per figure
+    (AUROC, AUPR-in, AUPR-out, FPR95), near sets first, with the mean per group."""
     by_set = figures.get("ood_scores") or {name: {"entropy": row}
                                            for name, row in figures.get("ood", {}).items()}
     groups = figures.get("ood_groups", {})
+    near = sorted(n for n in by_set if groups.get(n) == "near")
+    far = sorted(n for n in by_set if groups.get(n) != "near")
+    columns = [*near, *(["mean near"] if len(near) > 1 else []),
+               *far, *(["mean far"] if len(far) > 1 else [])]
+    scores = list(next(iter(by_set.values())))
     lines = ["## Out-of-distribution detection", "",
-             "Each OOD set is scored mixed with the in-distribution test set (OOD = positive). "
-             "Higher score = more likely OOD; the best AUROC per set is in bold.", "",
-             "| group | OOD set | score | AUROC | AUPR-in | AUPR-out | FPR95 |",
-             "|---|---|---|---|---|---|---|"]
-    order = sorted(by_set, key=lambda n: (groups.get(n, "far") != "near", n))
-    for name in order:
-        best = max(row["auroc"] for row in by_set[name].values())
-        for score, row in by_set[name].items():
-            auroc = f"{row['auroc']:.4f}"
-            lines.append(f"| {groups.get(name, '–')} | {name} | {SCORE_LABELS.get(score, score)} | "
-                         f"{f'**{auroc}**' if row['auroc'] == best else auroc} | "
-                         f"{row['aupr_in']:.4f} | {row['aupr_out']:.4f} | {row['fpr95']:.4f} |")
-    for group in ("near", "far"):
-        names = [n for n in order if groups.get(n) == group]
-        if names:
-            mean = {score: float(np.mean([by_set[n][score]["auroc"] for n in names]))
-                    for score in by_set[names[0]]}
-            lines.append("")
-            lines.append(f"Mean AUROC over the {group} OOD sets ({', '.join(names)}): " + ", ".join(
-                f"{SCORE_LABELS.get(k, k)} {v:.4f}" for k, v in mean.items()) + ".")
-    return lines + [""]
+             "Each OOD set is scored mixed with the in-distribution test set (OOD = positive); "
+             "a higher score means more likely OOD. Near sets: "
+             f"{', '.join(near) or 'none'}; far: {', '.join(far) or 'none'}. The best value of "
+             "each column is in bold.", ""]
+    for key, title, best in (("auroc", "AUROC", max), ("aupr_in", "AUPR-in", max),
+                             ("aupr_out", "AUPR-out", max), ("fpr95", "FPR95", min)):
+        def value(score: str, column: str, key: str = key) -> float:
+            if column.startswith("mean "):
+                names = near if column == "mean near" else far
+                return float(np.mean([by_set[n][score][key] for n in names]))
+            return by_set[column][score][key]
+
+        top = {c: best(value(sc, c) for sc in scores) for c in columns}
+        header = [f"{c} ({groups.get(c, '–')})" if not c.startswith("mean ") else c
+                  for c in columns]
+        lines += [f"**{title}**", "", "| score | " + " | ".join(header) + " |",
+                  "|---|" + "---|" * len(columns)]
+        for score in scores:
+            cells = []
+            for c in columns:
+                text = f"{value(score, c):.4f}"
+                cells.append(f"**{text}**" if value(score, c) == top[c] else text)
+            lines.append(f"| {SCORE_LABELS.get(score, score)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def _scores_of(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
