@@ -34,7 +34,8 @@ CASES = {
               "train.prior_std=1.0"],
     "forde": ["method.name=forde", "train.optimizer=sgd", "train.lr=0.05"],
     "svgd": ["method.name=svgd", "train.prior_std=1.0"],
-    "f-svgd": ["method.name=f-svgd", "method.context_points=8", "train.prior_std=1.0"],
+    "f-svgd": ["method.name=f-svgd", "method.context_points=8", "train.prior_std=1.0",
+               "method.output=logits"],
 }
 RESUMED = "wgd"  # the case interrupted after epoch 1 and resumed with 1 and 2 ranks
 TOL = 1e-6

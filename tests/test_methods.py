@@ -15,7 +15,7 @@ METHOD_SETTINGS = {
     "de": [],
     "svgd": [],
     "wgd": ["method.estimator=sge"],
-    "f-svgd": ["method.context_points=8"],
+    "f-svgd": ["method.context_points=8", "method.output=logits"],
     "f-wgd": ["method.estimator=ssge"],
     "forde": ["method.lengthscales=pca"],
     "he-cka": ["method.warmup_steps=5"],
@@ -28,6 +28,7 @@ METHOD_SETTINGS = {
     "swag": ["method.swa_frequency=2", "method.rank=3", "method.predict_samples=2"],
     "sghmc": ["method.predict_samples=2"],
     "laplace": ["method.marglik_steps=20", "method.predict_samples=2"],
+    "hmc": ["method.leapfrog_steps=4", "method.predict_samples=2", "method.step_size=0.005"],
 }
 BASE = ["data.name=digits", "data.train_subset=256", "data.test_subset=200",
         "model.name=mlp", "model.hidden=[16]", "model.activation=tanh", "ensemble.members=3",

@@ -8,6 +8,7 @@ import torch
 from diverse.config import load_config
 from diverse.data import Dataset
 from diverse.ensemble import Ensemble
+from diverse.errors import UserError
 from diverse.forde import forde_repulsion
 from diverse.likelihoods import Categorical
 from diverse.methods import DeepEnsembleConfig, Step, deep_ensemble
@@ -208,3 +209,9 @@ def test_fgsm_inputs_and_their_likelihood_term():
         want = torch.nn.functional.cross_entropy(ens.member(m)(xs[m]), y)
         torch.testing.assert_close(adversarial_nll(step, ens.params, 0.1)[m], want)
     assert torch.equal(adversarial_nll(step, ens.params, 0.0), torch.zeros(2))
+
+
+def test_f_svgd_refuses_softmax_outputs():
+    with pytest.raises(UserError, match="f-svgd needs output = \"logits\""):
+        build_run(load_config(None, ["data.name=digits", "method.name=f-svgd",
+                                     "method.output=softmax"]))
