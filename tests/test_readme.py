@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import torch
+
 from diverse.cli import main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -28,6 +30,11 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     for block in _python_blocks():
         namespace: dict = {}
         exec(compile(block, str(README), "exec"), namespace)  # noqa: S102
-    # the load example's last line: 90% sets for every input
-    assert namespace["sets"].shape == (16, 10)
-    assert namespace["calibrated"].probs.shape == (1, 16, 10)
+    # the load example's results: the stored temperature applied to the same predictions
+    from diverse.calibration import apply_temperature
+
+    run, pred = namespace["run"], namespace["pred"]
+    expected = apply_temperature(run.calibration.temperature["pooled"], "pooled",
+                                 probs=pred.probs)
+    torch.testing.assert_close(namespace["calibrated"].probs, expected)
+    assert namespace["sets"].shape == (16, 10) and namespace["sets"].dtype == torch.bool

@@ -32,7 +32,7 @@ Papadopoulos et al. 2008, Lei et al. 2018).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -170,6 +170,16 @@ def interval_metrics(mean: Tensor, std: Tensor, targets: Tensor, threshold: floa
             "mean_width": float(width.mean())}
 
 
+def random_splits(n: int, splits: int, calibration_fraction: float, seed: int
+                  ) -> Iterator[tuple[Tensor, Tensor]]:
+    """``splits`` seeded random (calibration, test) index splits of ``range(n)``."""
+    generator = torch.Generator().manual_seed(seed)
+    n_cal = int(round(calibration_fraction * n))
+    for _ in range(splits):
+        order = torch.randperm(n, generator=generator)
+        yield order[:n_cal], order[n_cal:]
+
+
 def split_coverage(probs: Tensor, labels: Tensor, alpha: float, splits: int = 20,
                    calibration_fraction: float = 0.5, seed: int = 0,
                    scores: Sequence[str] = CLASS_SCORES, lam: float = RAPS_LAMBDA,
@@ -188,11 +198,7 @@ def split_coverage(probs: Tensor, labels: Tensor, alpha: float, splits: int = 20
     table = {name: class_scores(p, name, u, lam, k_reg) for name in scores}
     out: dict[str, dict[str, list[float]]] = {
         name: {"coverage": [], "mean_size": [], "worst_class_coverage": []} for name in scores}
-    generator = torch.Generator().manual_seed(seed)
-    n_cal = int(round(calibration_fraction * n))
-    for _ in range(splits):
-        order = torch.randperm(n, generator=generator)
-        cal, test = order[:n_cal], order[n_cal:]
+    for cal, test in random_splits(n, splits, calibration_fraction, seed):
         for name, s in table.items():
             q = conformal_quantile(label_scores(s[cal], labels[cal]), alpha)
             figures = set_metrics(prediction_sets(s[test], q), labels[test], p.shape[1])
@@ -213,11 +219,7 @@ def split_interval_coverage(mean: Tensor, std: Tensor, targets: Tensor, alpha: f
     mu, sd, y = (t.detach().to(torch.float64).reshape(len(t), -1) for t in (mean, std, targets))
     n = len(mu)
     out: dict[str, list[float]] = {"coverage": [], "mean_width": []}
-    generator = torch.Generator().manual_seed(seed)
-    n_cal = int(round(calibration_fraction * n))
-    for _ in range(splits):
-        order = torch.randperm(n, generator=generator)
-        cal, test = order[:n_cal], order[n_cal:]
+    for cal, test in random_splits(n, splits, calibration_fraction, seed):
         q = conformal_quantile(regression_scores(mu[cal], sd[cal], y[cal]), alpha)
         figures = interval_metrics(mu[test], sd[test], y[test], q)
         for key in out:

@@ -215,17 +215,13 @@ def _finite(value: float) -> float | None:
 
 
 def _classification_summary(probs: Tensor, labels: Tensor) -> dict[str, float]:
-    return {"accuracy": float(metrics.accuracy(probs, labels)),
-            "nll": float(metrics.nll(probs, labels)), "ece": float(metrics.ece(probs, labels)),
-            "ace": float(metrics.adaptive_ece(probs, labels)),
-            "brier": float(metrics.brier(probs, labels))}
+    figures = metrics.classification_metrics(probs, labels)
+    return {k: figures[k] for k in ("accuracy", "nll", "ece", "ace", "brier")}
 
 
 def _regression_summary(means: Tensor, stds: Tensor, targets: Tensor) -> dict[str, float]:
-    return {"nll": float(metrics.gaussian_mixture_nll(means, stds, targets)),
-            "calibration_error": float(metrics.regression_calibration_error(means, stds,
-                                                                             targets)),
-            "mean_std": float(metrics.predictive_std(means, stds).mean())}
+    figures = metrics.regression_metrics(means, stds, targets)
+    return {k: figures[k] for k in ("nll", "calibration_error", "mean_std")}
 
 
 # ------------------------------------------------------------------------------ disk

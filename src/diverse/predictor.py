@@ -27,14 +27,13 @@ from torch import Tensor
 
 from diverse import calibration as temperature
 from diverse import metrics
-from diverse.catalog import predict_samples
 from diverse.checkpoint import load_checkpoint
 from diverse.conformal import RANDOM_SEED, prediction_sets
 from diverse.data import DataSpec, data_spec, load_dataset, normalize, read_data_spec
 from diverse.errors import UserError
 from diverse.likelihoods import build_likelihood
 from diverse.posthoc import Calibration, load_calibration, regression_summary
-from diverse.samples import Samples, base_model, has_samples, load_samples
+from diverse.samples import Samples, has_samples, load_samples
 
 __all__ = ["Prediction", "Predictor", "load"]
 
@@ -108,7 +107,7 @@ class Predictor:
 
     def __init__(self, run_dir: Path, device: torch.device | str = "cpu") -> None:
         from diverse.config import load_config
-        from diverse.train import build_ensemble, predict
+        from diverse.train import build_ensemble, predict_trained
 
         self.run_dir = Path(run_dir)
         if not (self.run_dir / "config.toml").is_file():
@@ -128,7 +127,7 @@ class Predictor:
         self.samples: Samples | None = (load_samples(self.run_dir, self.device)[0]
                                         if has_samples(self.run_dir) else None)
         self.calibration: Calibration | None = load_calibration(self.run_dir)
-        self._predict = predict
+        self._predict = predict_trained
 
     # ----------------------------------------------------------------- inputs
     def prepare(self, x: Tensor | np.ndarray) -> Tensor:
@@ -217,15 +216,8 @@ class Predictor:
         return self.calibration
 
     def _raw_prediction(self, x: Tensor, batch_size: int) -> Prediction:
-        if self.samples is not None:
-            from diverse import samples as sample_set
-
-            out = sample_set.predict(base_model(self.cfg, self.data, self.likelihood),
-                                     self.samples, self.likelihood, x, batch_size)
-        else:
-            out = self._predict(self.ensemble, self.likelihood, x, batch_size,
-                                samples=predict_samples(self.cfg.method))
-        return Prediction(**{k: v for k, v in out.items()})
+        return Prediction(**self._predict(self.cfg, self.data, self.likelihood, self.ensemble,
+                                          self.samples, x, batch_size))
 
     def __repr__(self) -> str:
         return (f"Predictor({str(self.run_dir)!r}, method={self.cfg.method.name!r}, "

@@ -232,16 +232,25 @@ def predict(ensemble: Ensemble, likelihood: Likelihood, x: Tensor,
 
 
 def predict_run(run: Run, x: Tensor, batch_size: int = 1000) -> dict[str, Tensor]:
-    """:func:`predict` with the run's Monte Carlo draws per member.
+    """:func:`predict_trained` of a run's members (or weight samples) on ``x``."""
+    return predict_trained(run.cfg, run.dataset, run.likelihood, run.ensemble, run.samples, x,
+                           batch_size)
 
-    A run with weight samples (a Bayesian baseline after training) predicts
+
+def predict_trained(cfg: Config, data: Any, likelihood: Likelihood, ensemble: Ensemble,
+                    samples: Samples | None, x: Tensor, batch_size: int = 1000
+                    ) -> dict[str, Tensor]:
+    """:func:`predict` with the method's Monte Carlo draws per member.
+
+    With weight samples (a Bayesian baseline after training) the prediction goes
     through them instead: ``(S, N, ...)``, draw-major (:mod:`diverse.samples`).
+    ``data`` needs ``input_shape`` and ``num_outputs`` (a :class:`Dataset` or
+    :class:`diverse.data.DataSpec`).
     """
-    if run.samples is not None:
-        return sample_set.predict(base_model(run.cfg, run.dataset, run.likelihood), run.samples,
-                                  run.likelihood, x, batch_size)
-    return predict(run.ensemble, run.likelihood, x, batch_size,
-                   samples=predict_samples(run.cfg.method))
+    if samples is not None:
+        return sample_set.predict(base_model(cfg, data, likelihood), samples, likelihood, x,
+                                  batch_size)
+    return predict(ensemble, likelihood, x, batch_size, samples=predict_samples(cfg.method))
 
 
 #: An epoch whose mean driving/repulsion norm ratio exceeds this gets a warning: the
@@ -355,9 +364,12 @@ def train(
             step += 1
             fit = run.likelihood.correct(result.outputs, y_train[idx]).mean()
             nll = run.likelihood.nll(result.outputs, y_train[idx]).mean()  # data term only
-            sums["loss"] += float(result.loss.mean()) * len(idx)
-            sums["fit"] += float(fit) * len(idx)
-            sums["nll"] += float(nll) * len(idx)
+            # one host read for the three figures
+            loss_v, fit_v, nll_v = torch.stack([result.loss.mean().double(), fit.double(),
+                                                nll.double()]).tolist()
+            sums["loss"] += loss_v * len(idx)
+            sums["fit"] += fit_v * len(idx)
+            sums["nll"] += nll_v * len(idx)
             sums["count"] += len(idx)
             sums["steps"] += 1
             for key, value in result.logs.items():
