@@ -336,6 +336,7 @@ def train(
         ens.train()
         t0 = time.perf_counter()
         sums = {"loss": 0.0, "fit": 0.0, "nll": 0.0, "count": 0, "steps": 0}
+        nll_sum = torch.zeros((), device=run.device)
         diag: dict[str, float] = {}
         for i in range(spe):
             if step >= total:
@@ -363,13 +364,11 @@ def train(
             run.optimizer.step()
             step += 1
             fit = run.likelihood.correct(result.outputs, y_train[idx]).mean()
-            nll = run.likelihood.nll(result.outputs, y_train[idx]).mean()  # data term only
-            # one host read for the three figures
-            loss_v, fit_v, nll_v = torch.stack([result.loss.mean().double(), fit.double(),
-                                                nll.double()]).tolist()
-            sums["loss"] += loss_v * len(idx)
-            sums["fit"] += fit_v * len(idx)
-            sums["nll"] += nll_v * len(idx)
+            sums["loss"] += float(result.loss.mean()) * len(idx)
+            sums["fit"] += float(fit) * len(idx)
+            # the data term only, summed on the device and read once per epoch
+            nll_sum = nll_sum + run.likelihood.nll(result.outputs, y_train[idx]).sum() / len(
+                result.outputs)
             sums["count"] += len(idx)
             sums["steps"] += 1
             for key, value in result.logs.items():
@@ -381,6 +380,7 @@ def train(
                        **{k: v for k, v in result.logs.items() if k in PROGRESS_LOGS})
             if on_step is not None:
                 on_step(step)
+        sums["nll"] = float(nll_sum)
         # sharded: the live figures above are rank 0's members; the epoch's are all members'
         sums["loss"], sums["fit"], sums["nll"] = comm.mean(torch.tensor(
             [sums["loss"], sums["fit"], sums["nll"]], dtype=torch.float64)).tolist()
