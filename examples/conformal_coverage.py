@@ -16,7 +16,6 @@ of the coverage over splits and the mean set size, and writes
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np

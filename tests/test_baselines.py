@@ -10,6 +10,7 @@ from scipy.optimize import brentq
 from torch import nn
 from torch.distributions import Normal, kl_divergence
 from torch.func import functional_call
+from torch.utils.data import DataLoader, TensorDataset
 
 from diverse.config import load_config
 from diverse.data import DataConfig, load_dataset
@@ -300,7 +301,8 @@ def test_last_layer_diagonal_laplace_matches_the_closed_form_ggn():
         model.fc.weight.mul_(3.0)  # confident predictions: a spread of GGN entries
     x, y = data.x_train, data.y_train
     cfg = LaplaceConfig(subset_of_weights="last_layer", hessian_structure="diag")
-    la = fit_laplace(model, x, y, cfg, prior_precision=1.0)
+    la = fit_laplace(model, DataLoader(TensorDataset(x, y), batch_size=cfg.fit_batch_size), cfg,
+                     prior_precision=1.0)
     h = ggn_diagonal(model, x)
     tau = float(la.prior_precision)
     torch.testing.assert_close(la.posterior_variance.double(), 1 / (h + tau), rtol=1e-4,

@@ -20,7 +20,7 @@ from diverse.ensemble import Ensemble
 from diverse.errors import UserError
 from diverse.forde import FoRDEConfig, build_forde
 from diverse.likelihoods import Categorical
-from diverse.methods import Step
+from diverse.methods import Step, TrainingData
 from diverse.models import MLPConfig, build_model
 from diverse.spaces import pca_lengthscales
 
@@ -142,7 +142,7 @@ def hand_repulsion_grads(ens, xb, yb, u, ls, eps):
 
 def our_grads(cfg, data, ens, xb, yb):
     step = Step(ens, xb, yb, Categorical(), len(data.x_train), 0.0, 0.3)
-    return build_forde(cfg, data)(step).grads  # driving_scale = 0: repulsion only
+    return build_forde(cfg, TrainingData.of(data))(step).grads  # driving_scale = 0: repulsion only
 
 
 @pytest.mark.parametrize("eps", [1e-12, 0.5])
@@ -201,7 +201,7 @@ def test_config_keys_and_defaults():
 def test_bad_values_raise_one_line_errors(bad, message):
     data, _, _, _ = tiny_problem()
     with pytest.raises(UserError) as err:
-        build_forde(FoRDEConfig(**bad), data)
+        build_forde(FoRDEConfig(**bad), TrainingData.of(data))
     assert str(err.value) == message
     with pytest.raises(ValueError, match="allowed reference, covariance, correlation"):
         pca_lengthscales(data.x_train, form="svd")

@@ -41,7 +41,7 @@ def test_bf16_forward_is_the_autocast_forward_in_float32_and_survives_copies():
 
 def test_bf16_ensemble_members_match_standalone_members():
     ens = Ensemble(mlp, 3, seed=1, execution="vmap")
-    precision.configure(ens, "bf16", compile=False, method="de")
+    precision.configure(ens, "bf16", compile=False)
     x = torch.randn(20, 1, 8, 8)
     out = ens(x)
     for m in range(3):

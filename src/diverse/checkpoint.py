@@ -131,16 +131,19 @@ def save_checkpoint(
     optim_tensors: dict[str, Tensor],
     manifest: dict[str, Any],
     keep: int = 2,
+    stem: str | None = None,
 ) -> Path:
     """Write checkpoint ``epoch`` and point ``latest.json`` at it.
 
     ``manifest`` (config, step, history, …) is completed with versions, file
-    names and hashes. Older epoch checkpoints beyond ``keep`` are deleted
-    after the new one is complete.
+    names and hashes. ``stem`` names the files (default ``epoch-NNNN``; a
+    mid-epoch checkpoint after epoch e is ``epoch-eeee-step-SSSSSSSS``, which
+    sorts between epochs e and e + 1). Older checkpoints beyond ``keep`` are
+    deleted after the new one is complete.
     """
     folder = Path(run_dir) / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
-    stem = f"epoch-{epoch:04d}"
+    stem = stem if stem is not None else f"epoch-{epoch:04d}"
     meta = {"format": "diverse-stacked", "epoch": str(epoch)}
     model_hash = atomic_save_tensors(folder / f"{stem}.safetensors", model_tensors, meta)
     optim_hash = atomic_save_tensors(folder / f"{stem}.optim.safetensors", optim_tensors, meta)

@@ -78,6 +78,9 @@ class TrainConfig:
         keep_checkpoints: epoch checkpoints kept on disk (default 2).
         checkpoint_every: write a checkpoint every this many epochs (default 1;
             the last epoch always). A resume restarts after the last one.
+        checkpoint_every_steps: also write one every this many optimizer steps
+            within an epoch (default 0 = epochs only); a resume then restarts
+            mid-epoch, at exactly the next batch.
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
         precision: ``"fp32"`` (default) or ``"bf16"``: the member forward under
             bf16 autocast (:mod:`diverse.precision`).
@@ -101,9 +104,42 @@ class TrainConfig:
     eval_every: int = 1
     keep_checkpoints: int = 2
     checkpoint_every: int = 1
+    checkpoint_every_steps: int = 0
     device: str = "auto"
     precision: str = "fp32"
     compile: bool = False
+
+    def __post_init__(self) -> None:
+        """Valid once constructed (from TOML or in Python): one-line UserError otherwise."""
+        _choice(self.optimizer, OPTIMIZERS, "[train] optimizer")
+        _choice(self.schedule, SCHEDULES, "[train] schedule")
+        _choice(self.device, ("auto", "cpu", "cuda"), "[train] device")
+        _choice(self.precision, PRECISIONS, "[train] precision")
+        for where, value in (("batch_size", self.batch_size),
+                             ("keep_checkpoints", self.keep_checkpoints),
+                             ("checkpoint_every", self.checkpoint_every)):
+            if value < 1:
+                raise UserError(f"[train] {where} = {value}: must be an integer >= 1")
+        if self.checkpoint_every_steps < 0:
+            raise UserError(f"[train] checkpoint_every_steps = {self.checkpoint_every_steps}: "
+                            "must be >= 0 (0 = epochs only)")
+        if self.epochs < 1 and self.steps < 1:
+            raise UserError(f"[train] epochs = {self.epochs}: must be >= 1 (or set steps >= 1)")
+        for key, value in (("lr", self.lr), ("momentum", self.momentum),
+                           ("final_lr_factor", self.final_lr_factor),
+                           ("prior_std", self.prior_std), ("weight_decay", self.weight_decay),
+                           *(("betas", b) for b in self.betas)):
+            if not math.isfinite(value):
+                raise UserError(f"[train] {key} = {value}: must be a finite number")
+        if not self.lr > 0:
+            raise UserError(f"[train] lr = {self.lr}: must be > 0")
+        if self.prior_std < 0 or self.weight_decay < 0:
+            raise UserError("[train] prior_std and weight_decay must be >= 0")
+        if self.prior_std > 0 and self.weight_decay > 0:
+            raise UserError(f"[train] prior_std = {self.prior_std} and weight_decay = "
+                            f"{self.weight_decay}: set one of them, not both")
+        if len(self.betas) != 2:
+            raise UserError(f"[train] betas = {list(self.betas)}: expected two numbers")
 
 
 @dataclass(frozen=True)
@@ -192,40 +228,10 @@ def validate(cfg: Config) -> Config:
     """Checks of values that types alone cannot express."""
     _choice(cfg.data.name, sorted(DATASETS), "[data] name")
     _choice(cfg.ensemble.execution, EXECUTIONS, "[ensemble] execution")
-    _choice(cfg.train.optimizer, OPTIMIZERS, "[train] optimizer")
-    _choice(cfg.train.schedule, SCHEDULES, "[train] schedule")
-    _choice(cfg.train.device, ("auto", "cpu", "cuda"), "[train] device")
-    _choice(cfg.train.precision, PRECISIONS, "[train] precision")
     _choice(cfg.likelihood.name, LIKELIHOODS, "[likelihood] name")
     check_backend(cfg.logging, packages=False)  # unknown backend (packages: build_run)
-    positive = {
-        "[ensemble] members": cfg.ensemble.members,
-        "[train] batch_size": cfg.train.batch_size,
-        "[train] keep_checkpoints": cfg.train.keep_checkpoints,
-        "[train] checkpoint_every": cfg.train.checkpoint_every,
-    }
-    for where, value in positive.items():
-        if value < 1:
-            raise UserError(f"{where} = {value}: must be an integer >= 1")
-    if cfg.train.epochs < 1 and cfg.train.steps < 1:
-        raise UserError(f"[train] epochs = {cfg.train.epochs}: must be >= 1 (or set steps >= 1)")
-    t = cfg.train
-    for key, value in (("lr", t.lr), ("momentum", t.momentum), ("final_lr_factor",
-                       t.final_lr_factor), ("prior_std", t.prior_std),
-                       ("weight_decay", t.weight_decay), *(("betas", b) for b in t.betas)):
-        if not math.isfinite(value):
-            raise UserError(f"[train] {key} = {value}: must be a finite number")
-    if not cfg.train.lr > 0:
-        raise UserError(f"[train] lr = {cfg.train.lr}: must be > 0")
-    if cfg.train.prior_std < 0 or cfg.train.weight_decay < 0:
-        raise UserError("[train] prior_std and weight_decay must be >= 0")
-    if cfg.train.prior_std > 0 and cfg.train.weight_decay > 0:
-        raise UserError(
-            f"[train] prior_std = {cfg.train.prior_std} and weight_decay = "
-            f"{cfg.train.weight_decay}: set one of them, not both"
-        )
-    if len(cfg.train.betas) != 2:
-        raise UserError(f"[train] betas = {list(cfg.train.betas)}: expected two numbers")
+    if cfg.ensemble.members < 1:
+        raise UserError(f"[ensemble] members = {cfg.ensemble.members}: must be an integer >= 1")
     return cfg
 
 

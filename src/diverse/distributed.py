@@ -44,11 +44,6 @@ from torch import Tensor, nn
 
 from diverse.errors import UserError
 
-#: methods whose update gathers what it needs through ``Step.comm``
-SHARDABLE = frozenset({"de", "svgd", "wgd", "f-svgd", "f-wgd", "forde"})
-#: function-space methods: their context points and prior draws must agree across ranks
-FUNCTION_SPACE = frozenset({"f-svgd", "f-wgd"})
-
 
 @dataclass(frozen=True)
 class Comm:
@@ -195,17 +190,22 @@ def has_dropout(module: nn.Module) -> bool:
                for m in module.modules())
 
 
-def check_sharding(comm: Comm, method: Any, prior_std: float, module: nn.Module) -> None:
-    """Refuse a sharded run the sharding cannot do right (a one-line UserError)."""
+def check_sharding(comm: Comm, method: Any, prior_std: float, module: nn.Module, *,
+                   shardable: bool, function_space: bool) -> None:
+    """Refuse a sharded run the sharding cannot do right (a one-line UserError).
+
+    ``shardable`` and ``function_space`` are the method table's facts
+    (:class:`diverse.catalog.MethodSpec`).
+    """
     if comm.size == 1:
         return
-    if method.name not in SHARDABLE:
+    if not shardable:
         raise UserError(
-            f"[method] name = {method.name!r} cannot run over {comm.size} processes; methods "
-            f"with multi-process support: {', '.join(sorted(SHARDABLE))}"
+            f"[method] name = {method.name!r} cannot run over {comm.size} processes; use a "
+            "method with multi-process support (de, svgd, wgd, f-svgd, f-wgd, forde)"
         )
     shared_draws = getattr(method, "context_points", 0) > 0 or prior_std > 0
-    if method.name in FUNCTION_SPACE and shared_draws and has_dropout(module):
+    if function_space and shared_draws and has_dropout(module):
         raise UserError(
             f"[method] name = {method.name!r} with dropout over {comm.size} processes: context "
             "points and prior draws would differ between processes; set model dropout = 0 or "

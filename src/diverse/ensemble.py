@@ -29,6 +29,7 @@ initialized from ``(seed, global index)`` alone, so a process holding members
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -77,8 +78,16 @@ def init_members(
     return skeleton, params, buffers
 
 
-class Ensemble:
-    """M members with stacked parameters ``params[name]: (M, *shape)``.
+class Ensemble(nn.Module):
+    """M members with stacked parameters ``params[name]: (M, *shape)``, as an ``nn.Module``.
+
+    The stacked tensors are registered on :attr:`stacked`, a copy of member 0's
+    module whose every parameter and buffer holds the member axis, so
+    ``parameters()`` (also seen by an enclosing module), ``state_dict()`` /
+    ``load_state_dict()`` (keys ``stacked.<name>``, shapes ``(M, *shape)``),
+    ``.to()`` and ``train()`` / ``eval()`` behave as for any module.
+    ``params`` and ``buffers`` are the same tensors keyed by the member module's
+    names. ``member(i)`` returns member ``i`` as a plain module.
 
     Args:
         factory: builds one member (any ``nn.Module``; called M times, each
@@ -100,16 +109,29 @@ class Ensemble:
         member_offset: int = 0,
         device: torch.device | str = "cpu",
     ) -> None:
-        if members < 1:
-            raise UserError(f"ensemble members = {members}: must be an integer >= 1")
+        super().__init__()
+        if not isinstance(members, int) or members < 1:
+            raise UserError(f"ensemble members = {members!r}: must be an integer >= 1")
         if execution not in EXECUTIONS:
             raise UserError(f"ensemble execution = {execution!r}: allowed {', '.join(EXECUTIONS)}")
         skeleton, params, buffers = init_members(factory, members, seed, member_offset)
-        self.module = skeleton.to(device)
+        # the skeleton gives the structure to functional_call; it is not a registered
+        # child, so its (member 0) tensors are not counted as parameters of the ensemble
+        self.__dict__["module"] = skeleton.to(device)
+        self.stacked = copy.deepcopy(skeleton)
+        for name, value in params.items():
+            owner, leaf = _owner(self.stacked, name)
+            owner._parameters[leaf] = nn.Parameter(value.to(device))
+        for name, value in buffers.items():
+            owner, leaf = _owner(self.stacked, name)
+            owner._buffers[leaf] = value.to(device)
         self.members = members
         self.member_offset = member_offset
-        self.params: Params = {k: v.to(device).requires_grad_(True) for k, v in params.items()}
-        self.buffers: Params = {k: v.to(device) for k, v in buffers.items()}
+        self.seed = seed
+        #: the user's factory of one plain member (a method's ensemble wraps each member;
+        #: weight samples and saved runs need the plain model) and the method it was made for
+        self.base_factory: Callable[[], nn.Module] = factory
+        self.built_for: str | None = None
         persistent = set(skeleton.state_dict())
         # non-persistent buffers are rebuilt by the factory (e.g. a hypernetwork's
         # prediction codes, drawn from its seed): never saved, never loaded
@@ -123,6 +145,18 @@ class Ensemble:
             )
             for shared in (True, False)
         }
+        self._refresh_views()
+
+    def _refresh_views(self) -> None:
+        self.params: Params = dict(self.stacked.named_parameters())
+        self.buffers: Params = dict(self.stacked.named_buffers())
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Ensemble:
+        # .to() / .double() / ... may replace buffer tensors: rebuild the name views
+        super()._apply(fn, recurse)
+        self.module._apply(fn, recurse)
+        self._refresh_views()
+        return self
 
     # ------------------------------------------------------------------ forward
     def _member_forward(self, params: Params, buffers: Params, x: Tensor) -> Tensor:
@@ -155,7 +189,8 @@ class Ensemble:
             outs.append(self._member_forward(p, b, x[m] if per_member_input else x))
         return torch.stack(outs)
 
-    def __call__(self, x: Tensor, *, per_member_input: bool = False) -> Tensor:
+    def forward(self, x: Tensor, *, per_member_input: bool = False) -> Tensor:
+        """Outputs of every member ``(M, B, ...)`` for ``x`` ``(B, ...)`` (or ``(M, B, ...)``)."""
         return self.apply(self.params, x, per_member_input=per_member_input)
 
     def features(
@@ -246,27 +281,16 @@ class Ensemble:
 
     # ------------------------------------------------------------ modes, views
     def train(self, mode: bool = True) -> Ensemble:
+        super().train(mode)
         self.module.train(mode)
         return self
-
-    def eval(self) -> Ensemble:
-        return self.train(False)
-
-    @property
-    def training(self) -> bool:
-        return self.module.training
 
     @property
     def device(self) -> torch.device:
         return next(iter(self.params.values())).device
 
-    def parameters(self) -> Iterator[Tensor]:
-        return iter(self.params.values())
-
     def member(self, m: int) -> nn.Module:
         """A standalone copy of member ``m`` as an ordinary module."""
-        import copy
-
         mod = copy.deepcopy(self.module)
         state = {k: v[m].detach().clone() for k, v in {**self.params, **self.buffers}.items()}
         mod.load_state_dict(state)
@@ -300,6 +324,12 @@ class Ensemble:
         for k in expected:
             target = self.params[k] if k in self.params else self.buffers[k]
             target.copy_(tensors[k])
+
+
+def _owner(root: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The submodule of ``root`` that holds tensor ``name`` and the tensor's own name."""
+    path, _, leaf = name.rpartition(".")
+    return (root.get_submodule(path) if path else root), leaf
 
 
 def capturing(

@@ -46,6 +46,7 @@ from diverse.checkpoint import atomic_save_npz, atomic_write_json
 from diverse.data import Dataset, denormalize, normalize
 from diverse.ensemble import evaluating
 from diverse.mcmc import effective_sample_size, split_rhat
+from diverse.methods import TrainingData
 from diverse.ood import ood_group
 from diverse.posthoc import (
     Calibration,
@@ -307,7 +308,7 @@ def training_outlier_examples(run: Run, count: int = 32) -> np.ndarray:
     """
     from diverse.feature_repulsion import OutlierSource
 
-    source = OutlierSource(replace(run.cfg.method, outliers=count), run.dataset)
+    source = OutlierSource(replace(run.cfg.method, outliers=count), TrainingData.of(run.dataset))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(run.cfg.train.seed)
         x = source(torch.device("cpu"))

@@ -46,7 +46,7 @@ from diverse.data import normalize
 from diverse.ensemble import Params, flatten_params, unflatten_params
 from diverse.errors import UserError
 from diverse.hypernet import HyperNetConfig, HyperNetwork, generate_with
-from diverse.methods import Step, StepResult, gaussian_prior_penalty
+from diverse.methods import Step, StepResult, TrainingData, gaussian_prior_penalty
 from diverse.outliers import OutlierConfig, synthetic_outliers
 
 OUTPUT = "output"
@@ -248,16 +248,19 @@ class OutlierSource:
     loop reseeds every epoch, so a resumed run sees the same outliers.
     """
 
-    def __init__(self, cfg: HECKAConfig, dataset: Any) -> None:
-        x = dataset.x_train
+    def __init__(self, cfg: HECKAConfig, data: TrainingData | None) -> None:
+        if data is None:
+            raise UserError(f"[method] outliers = {cfg.outliers}: synthetic outliers are drawn "
+                            "from training images; give the training data (TrainingData)")
+        x = data.head(cfg.outlier_pool)
         if x.dim() != 4 or x.shape[1] not in (1, 3):
             raise UserError(f"[method] outliers = {cfg.outliers}: synthetic outliers need image "
-                            f"data (N, 1|3, H, W); {dataset.name!r} has inputs "
+                            f"data (N, 1|3, H, W); {data.name} has inputs "
                             f"{tuple(x.shape[1:])}")
         from diverse.data import denormalize
 
-        self.pool = denormalize(x[:cfg.outlier_pool], dataset.mean, dataset.std).clamp(0, 1)
-        self.mean, self.std = dataset.mean, dataset.std
+        self.pool = denormalize(x, data.mean, data.std).clamp(0, 1)
+        self.mean, self.std = data.mean, data.std
         self.count = cfg.outliers
         self.options = OutlierConfig(p_transformed=cfg.p_transformed)
 
@@ -299,9 +302,10 @@ def _disagreement(logits: Tensor) -> float:
 
 
 # ------------------------------------------------------------------ the methods
-def build_he_cka(cfg: HECKAConfig, dataset: Any) -> Callable[[Step], StepResult]:
+def build_he_cka(cfg: HECKAConfig, data: TrainingData | None = None
+                 ) -> Callable[[Step], StepResult]:
     """HE-CKA ensemble (with synthetic outliers when ``outliers > 0``)."""
-    source = OutlierSource(cfg, dataset) if cfg.outliers else None
+    source = OutlierSource(cfg, data) if cfg.outliers else None
     layers_of = layer_resolver(cfg)
 
     def update(step: Step) -> StepResult:
@@ -323,7 +327,8 @@ def build_he_cka(cfg: HECKAConfig, dataset: Any) -> Callable[[Step], StepResult]
     return update
 
 
-def build_svgd_cka(cfg: SVGDCKAConfig, dataset: Any = None) -> Callable[[Step], StepResult]:
+def build_svgd_cka(cfg: SVGDCKAConfig, data: TrainingData | None = None
+                   ) -> Callable[[Step], StepResult]:
     """SVGD with the layer-weighted HE-CKA energy as the kernel between members."""
     layers_of = layer_resolver(cfg)
 
@@ -359,20 +364,21 @@ def build_svgd_cka(cfg: SVGDCKAConfig, dataset: Any = None) -> Callable[[Step], 
 
 
 # ------------------------------------------------------------------ hypernetwork
-def hyper_config(cfg: Any) -> HyperNetConfig:
-    """The hypernetwork settings of a run config (``[ensemble] members`` per step)."""
-    m = cfg.method
-    return HyperNetConfig(z_dim=m.z_dim, hidden=m.hidden, code_dim=m.code_dim,
-                          train_members=cfg.ensemble.members, predict_members=m.predict_members,
-                          seed=cfg.train.seed, spread=m.spread)
+def hyper_config(cfg: HyperHECKAConfig, members: int, seed: int) -> HyperNetConfig:
+    """The hypernetwork settings of a method config (``members`` generated per step)."""
+    return HyperNetConfig(z_dim=cfg.z_dim, hidden=cfg.hidden, code_dim=cfg.code_dim,
+                          train_members=members, predict_members=cfg.predict_members,
+                          seed=seed, spread=cfg.spread)
 
 
-def wrap_hypernetwork(cfg: Any, target: nn.Module) -> nn.Module:
+def wrap_hypernetwork(cfg: HyperHECKAConfig, target: nn.Module, members: int,
+                      seed: int) -> nn.Module:
     """``wrap_model`` hook: the target network → its hypernetwork."""
-    return HyperNetwork(target, hyper_config(cfg))
+    return HyperNetwork(target, hyper_config(cfg, members, seed))
 
 
-def build_hyper_he_cka(cfg: HECKAConfig, dataset: Any) -> Callable[[Step], StepResult]:
+def build_hyper_he_cka(cfg: HECKAConfig, data: TrainingData | None = None
+                       ) -> Callable[[Step], StepResult]:
     """Hypernetwork trained with the HE-CKA loss on the members it generates.
 
     The run's ensemble holds one slot, the hypernetwork; each step draws K codes
@@ -380,7 +386,7 @@ def build_hyper_he_cka(cfg: HECKAConfig, dataset: Any) -> Callable[[Step], StepR
     applies :func:`build_he_cka`'s loss to them. The prior penalty
     (``[train] prior_std``) applies to the generated weights.
     """
-    source = OutlierSource(cfg, dataset) if cfg.outliers else None
+    source = OutlierSource(cfg, data) if cfg.outliers else None
     layers_of = layer_resolver(cfg)
 
     def update(step: Step) -> StepResult:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -38,12 +37,19 @@ from diverse import kernels, metrics
 from diverse.annealing import ANNEALINGS, anneal
 from diverse.distributed import SINGLE, Comm
 from diverse.errors import UserError
-from diverse.methods import Step, StepResult, gaussian_prior_penalty
+from diverse.methods import (
+    Step,
+    StepResult,
+    TrainingData,
+    gaussian_prior_penalty,
+    require_classification,
+)
 from diverse.spaces import (
     Lengthscales,
     identity_lengthscales,
     input_gradients,
     pca_lengthscales,
+    pca_lengthscales_from_batches,
 )
 
 
@@ -54,8 +60,8 @@ class FoRDEConfig:
     Fields:
         lengthscales: ``"pca"`` (default) or ``"identity"``.
         pca: the matrix whose eigenpairs (U, λ) give the PCA lengthscales,
-            computed once from ``dataset.x_train`` (all training inputs the
-            method receives, unaugmented):
+            computed once from the training inputs (all the method receives,
+            unaugmented; a tensor or one pass over a loader):
             ``"reference"`` (default) the uncentred second moment XᵀX/(N − 1),
             as the authors' ``calculate_pca.py`` (Trinh et al. 2024);
             ``"covariance"`` the centred covariance XcᵀXc/(N − 1);
@@ -126,8 +132,10 @@ def forde_embedding(grads: torch.Tensor, metric: Lengthscales, eps: float) -> to
     return s if metric.scale is None else s * metric.scale
 
 
-def build_forde(cfg: FoRDEConfig, dataset: Any = None) -> Callable[[Step], StepResult]:
-    """The FoRDE update; PCA lengthscales are computed once from the training inputs."""
+def build_forde(cfg: FoRDEConfig, data: TrainingData | None = None
+                ) -> Callable[[Step], StepResult]:
+    """The FoRDE update; PCA lengthscales are computed once from the training inputs
+    (``data.inputs``, or one pass over ``data.batches``)."""
     if cfg.lengthscales not in ("pca", "identity"):
         raise UserError(f"[method] lengthscales = {cfg.lengthscales!r}: allowed pca, identity")
     if cfg.pca not in PCA_FORMS:
@@ -140,13 +148,14 @@ def build_forde(cfg: FoRDEConfig, dataset: Any = None) -> Callable[[Step], StepR
         raise UserError(f"[method] repulsion_scale = {cfg.repulsion_scale!r}: allowed batch, n")
     if cfg.annealing not in ANNEALINGS:
         raise UserError(f"[method] annealing = {cfg.annealing!r}: allowed {', '.join(ANNEALINGS)}")
-    if dataset is not None and dataset.task != "classification":
-        raise UserError("[method] forde needs classification data (true-label input gradients)")
+    require_classification("forde (true-label input gradients)", data)
     metric: Lengthscales = identity_lengthscales()
     if cfg.lengthscales == "pca":
-        if dataset is None:
-            raise UserError("[method] forde with PCA lengthscales needs the training data")
-        metric = pca_lengthscales(dataset.x_train, cfg.alpha, cfg.pca)
+        if data is None or (data.inputs is None and data.batches is None):
+            raise UserError("[method] forde with PCA lengthscales needs the training inputs "
+                            "(TrainingData inputs or batches), or lengthscales = \"identity\"")
+        metric = (pca_lengthscales(data.inputs, cfg.alpha, cfg.pca) if data.inputs is not None
+                  else pca_lengthscales_from_batches(data.batches, cfg.alpha, cfg.pca))
 
     def update(step: Step) -> StepResult:
         ens, params = step.ensemble, step.ensemble.params

@@ -48,10 +48,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diverse.ensemble import flatten_params, unflatten_params
+from diverse.ensemble import Ensemble, flatten_params, unflatten_params
 from diverse.errors import UserError
-from diverse.methods import Step, StepResult
-from diverse.samples import Samples, base_model, samples_from_draws
+from diverse.methods import Finish, Step, StepResult, TrainingData
+from diverse.samples import Samples, samples_from_draws
 from diverse.validate import check_count, check_number
 
 # dual averaging constants (Hoffman & Gelman 2014, §3.2.1)
@@ -96,21 +96,15 @@ class HMCConfig:
         check_count("[method] predict_samples", self.predict_samples)
 
 
-def wrap_hmc(cfg: Any, module: nn.Module) -> nn.Module:
+def wrap_hmc(cfg: HMCConfig, module: nn.Module, members: int = 1, seed: int = 0) -> nn.Module:
     """``MethodSpec.wrap_model``: register the chain state as buffers of each member.
 
-    Refuses ``[train] weight_decay > 0`` and ``[train] prior_std = 0`` (HMC needs a
-    proper prior; the prior is part of U).
+    (The training settings it needs — ``prior_std > 0``, no weight decay — are
+    the method table's facts, checked by :func:`diverse.catalog.check_training`.)
     """
-    if cfg.train.weight_decay > 0:
-        raise UserError(f"hmc: [train] weight_decay = {cfg.train.weight_decay}: must be 0 "
-                        "(the sampler moves the weights itself; use [train] prior_std)")
-    if not cfg.train.prior_std > 0:
-        raise UserError("hmc: [train] prior_std = 0: HMC samples the posterior under a proper "
-                        "Gaussian prior; set [train] prior_std > 0 (e.g. 1.0)")
     d = sum(p.numel() for p in module.parameters())
     dtype = next(module.parameters()).dtype
-    method = cfg.method
+    method = cfg
     log_eps = math.log(method.step_size)
     scalars = {"hmc_log_eps": log_eps, "hmc_log_eps_bar": log_eps,
                "hmc_mu": math.log(10 * method.step_size), "hmc_hbar": 0.0, "hmc_da_t": 0.0,
@@ -174,11 +168,11 @@ def _restart_adaptation(buffers: dict[str, Tensor]) -> None:
     buffers["hmc_log_eps_bar"].copy_(buffers["hmc_log_eps"])
 
 
-def build_hmc(cfg: HMCConfig, dataset: Any) -> Callable[[Step], StepResult]:
-    """The HMC transition (module docstring) on the training data of ``dataset``."""
-    if dataset is None:
+def build_hmc(cfg: HMCConfig, data: TrainingData | None = None) -> Callable[[Step], StepResult]:
+    """The HMC transition (module docstring) on the full training set of ``data``."""
+    if data is None:
         raise UserError("hmc needs the training data (full-batch transitions)")
-    x_full, y_full = dataset.x_train, dataset.y_train
+    x_full, y_full = data.full()
 
     def update(step: Step) -> StepResult:
         ens, params = step.ensemble, step.ensemble.params
@@ -241,26 +235,24 @@ def build_hmc(cfg: HMCConfig, dataset: Any) -> Callable[[Step], StepResult]:
             outputs = ens.apply(params, step.x)
         return StepResult(
             loss=(u0 / step.n_train).detach(), outputs=outputs.detach(),
-            grads={k: torch.zeros_like(v) for k, v in params.items()},
+            grads=None,  # the transition has moved θ: no optimizer step
             logs={"accept": float(accept_prob.mean()), "divergent": float(divergent.sum()),
                   "step_size": float(eps.mean()), "warmup": float(warming)})
 
     return update
 
 
-def finalize_hmc(run: Any) -> Samples:
+def finalize_hmc(cfg: HMCConfig, ensemble: Ensemble, finish: Finish) -> Samples:
     """The kept states of every chain, draw-major; UserError if the run kept too few."""
-    cfg = run.cfg.method
-    kept = int(run.ensemble.buffers["hmc_count"][0])
+    kept = int(ensemble.buffers["hmc_count"][0])
     if kept < cfg.predict_samples:
         raise UserError(f"hmc kept {kept} of predict_samples = {cfg.predict_samples} states per "
                         "chain: train for more steps or lower warmup (the sampling stage needs "
                         f"at least {cfg.predict_samples} transitions)")
-    skeleton = base_model(run.cfg, run.dataset, run.likelihood)
-    states = run.ensemble.buffers["hmc_samples"]  # (M, K, D)
-    like = run.ensemble.params
-    draws = [unflatten_params(states[:, k].clone(), like) for k in range(states.shape[1])]
-    return samples_from_draws(skeleton, draws, run.ensemble.buffers)
+    states = ensemble.buffers["hmc_samples"]  # (M, K, D)
+    draws = [unflatten_params(states[:, k].clone(), ensemble.params)
+             for k in range(states.shape[1])]
+    return samples_from_draws(finish.skeleton, draws, ensemble.buffers)
 
 
 def chain_summary(buffers: dict[str, Tensor]) -> dict[str, float]:

@@ -36,10 +36,17 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from diverse.ensemble import member_seed
+from diverse.ensemble import Ensemble, member_seed
 from diverse.errors import UserError
-from diverse.methods import DeepEnsembleConfig, Step, StepResult, deep_ensemble
-from diverse.samples import Params, Samples, base_model, samples_from_draws
+from diverse.methods import (
+    DeepEnsembleConfig,
+    Finish,
+    Step,
+    StepResult,
+    TrainingData,
+    deep_ensemble,
+)
+from diverse.samples import Params, Samples, samples_from_draws
 from diverse.validate import check_choice, check_count
 
 SUBSETS = ("last_layer", "all")
@@ -95,9 +102,10 @@ def laplace_class() -> Callable[..., Any]:
     return Laplace
 
 
-def build_laplace(cfg: LaplaceConfig, dataset: Any = None) -> Callable[[Step], StepResult]:
+def build_laplace(cfg: LaplaceConfig, data: TrainingData | None = None
+                  ) -> Callable[[Step], StepResult]:
     """The training update: deep-ensemble MAP; refuses regression data."""
-    if dataset is not None and getattr(dataset, "task", "classification") != "classification":
+    if data is not None and data.task != "classification":
         raise UserError("[method] laplace needs classification data (laplace-torch's "
                         "classification likelihood)")
     return deep_ensemble(DeepEnsembleConfig())
@@ -112,12 +120,13 @@ def last_linear(module: nn.Module) -> str:
     return names[-1]
 
 
-def fit_laplace(module: nn.Module, x: Tensor, y: Tensor, cfg: LaplaceConfig,
+def fit_laplace(module: nn.Module, loader: DataLoader, cfg: LaplaceConfig,
                 prior_precision: float) -> Any:
     """Fit laplace-torch on ``module`` at its weights (the MAP) and tune τ by marginal likelihood.
 
-    Returns the fitted ``laplace`` object. ``x (N, ...)``, ``y (N,)`` on the
-    module's device; the module is put in eval mode.
+    Returns the fitted ``laplace`` object. ``loader`` yields ``(x, y)`` batches
+    (laplace-torch moves them to the module's device); the module is put in
+    eval mode.
     """
     extra = {"last_layer_name": last_linear(module)} if cfg.subset_of_weights == "last_layer" \
         else {}
@@ -125,7 +134,7 @@ def fit_laplace(module: nn.Module, x: Tensor, y: Tensor, cfg: LaplaceConfig,
                          subset_of_weights=cfg.subset_of_weights,
                          hessian_structure=cfg.hessian_structure,
                          prior_precision=prior_precision, **extra)
-    la.fit(DataLoader(TensorDataset(x, y), batch_size=cfg.fit_batch_size))
+    la.fit(loader)
     with warnings.catch_warnings():
         # laplace-torch always reminds that its GLM predictive defaults to probit; we
         # predict through weight samples, so the reminder does not apply.
@@ -165,27 +174,41 @@ def unflatten_draws(flat: Tensor, module: nn.Module, names: list[str]) -> list[P
     return draws
 
 
-def finalize_laplace(run: Any) -> Samples:
+def curvature_loader(cfg: LaplaceConfig, data: TrainingData | None,
+                     device: torch.device) -> DataLoader:
+    """The loader laplace-torch fits its curvature on: the user's own ``DataLoader``
+    as given (``fit_subset = 0``), else the (first ``fit_subset``) training tensors."""
+    if data is None:
+        raise UserError("laplace needs the training data to fit its curvature (TrainingData)")
+    if isinstance(data.batches, DataLoader) and cfg.fit_subset == 0:
+        return data.batches
+    if data.inputs is not None and data.targets is not None:
+        x, y = data.inputs, data.targets
+        if cfg.fit_subset > 0:
+            x, y = x[:cfg.fit_subset], y[:cfg.fit_subset]
+    else:
+        x, y = data.full()
+        if cfg.fit_subset > 0:
+            x, y = x[:cfg.fit_subset], y[:cfg.fit_subset]
+    return DataLoader(TensorDataset(x.to(device), y.to(device)), batch_size=cfg.fit_batch_size)
+
+
+def finalize_laplace(cfg: LaplaceConfig, ensemble: Ensemble, finish: Finish) -> Samples:
     """Fit laplace-torch per member and draw ``predict_samples`` weights of each."""
-    cfg: LaplaceConfig = run.cfg.method
-    skeleton = base_model(run.cfg, run.dataset, run.likelihood)
-    x, y = run.dataset.x_train, run.dataset.y_train
-    if cfg.fit_subset > 0:
-        x, y = x[:cfg.fit_subset], y[:cfg.fit_subset]
-    x, y = x.to(run.device), y.to(run.device)
-    sigma = run.cfg.train.prior_std
+    ens = ensemble
+    loader = curvature_loader(cfg, finish.data, ens.device)
+    sigma = finish.prior_std
     tau = 1.0 / sigma**2 if sigma > 0 else 1.0
-    ens = run.ensemble
     per_member = []
     for m in range(ens.members):
         module = ens.member(m)
-        la = fit_laplace(module, x, y, cfg, tau)
-        generator = torch.Generator(device=run.device).manual_seed(
-            member_seed(run.cfg.train.seed, ens.member_offset + m) + SAMPLE_STREAM)
+        la = fit_laplace(module, loader, cfg, tau)
+        generator = torch.Generator(device=ens.device).manual_seed(
+            member_seed(finish.seed, ens.member_offset + m) + SAMPLE_STREAM)
         with torch.no_grad():
             flat = la.sample(cfg.predict_samples, generator=generator)
         per_member.append(unflatten_draws(flat, module,
                                           random_names(module, cfg.subset_of_weights)))
     draws = [{k: torch.cat([per_member[m][d][k] for m in range(ens.members)])
               for k in per_member[0][d]} for d in range(cfg.predict_samples)]
-    return samples_from_draws(skeleton, draws, ens.buffers)
+    return samples_from_draws(finish.skeleton, draws, ens.buffers)

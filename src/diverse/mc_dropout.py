@@ -22,15 +22,23 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diverse.ensemble import Ensemble
 from diverse.errors import UserError
-from diverse.methods import DeepEnsembleConfig, Step, StepResult, deep_ensemble
-from diverse.samples import Params, Samples, base_model, samples_from_draws
+from diverse.methods import (
+    DeepEnsembleConfig,
+    Finish,
+    Step,
+    StepResult,
+    TrainingData,
+    deep_ensemble,
+)
+from diverse.samples import Params, Samples, samples_from_draws
 from diverse.validate import check_count
 
 SAMPLE_STREAM = 7_001  # generator seed offset of the dropout-mask draws
@@ -112,12 +120,14 @@ def to_mc_dropout(module: nn.Module) -> nn.Module:
     return root
 
 
-def wrap_mc_dropout(cfg: Any, module: nn.Module) -> nn.Module:
+def wrap_mc_dropout(cfg: MCDropoutConfig, module: nn.Module, members: int = 1,
+                    seed: int = 0) -> nn.Module:
     """``MethodSpec.wrap_model``: :func:`to_mc_dropout`."""
     return to_mc_dropout(module)
 
 
-def build_mc_dropout(cfg: MCDropoutConfig, dataset: Any = None) -> Callable[[Step], StepResult]:
+def build_mc_dropout(cfg: MCDropoutConfig, data: TrainingData | None = None
+                     ) -> Callable[[Step], StepResult]:
     """The training update: the deep-ensemble update (dropout is inside the members)."""
     return deep_ensemble(DeepEnsembleConfig())
 
@@ -138,12 +148,10 @@ def masked_weights(params: Params, targets: list[DropoutTarget], generator: torc
     return out
 
 
-def finalize_mc_dropout(run: Any) -> Samples:
-    """``predict_samples`` masked-weight draws per member (seeded by ``[train] seed``)."""
-    skeleton = base_model(run.cfg, run.dataset, run.likelihood)
-    targets = dropout_targets(skeleton)
-    generator = torch.Generator().manual_seed(run.cfg.train.seed * 1_000_003 + SAMPLE_STREAM)
-    params = run.ensemble.params
-    draws = [masked_weights(params, targets, generator)
-             for _ in range(run.cfg.method.predict_samples)]
-    return samples_from_draws(skeleton, draws, run.ensemble.buffers)
+def finalize_mc_dropout(cfg: MCDropoutConfig, ensemble: Ensemble, finish: Finish) -> Samples:
+    """``predict_samples`` masked-weight draws per member (seeded by the run's seed)."""
+    targets = dropout_targets(finish.skeleton)
+    generator = torch.Generator().manual_seed(finish.seed * 1_000_003 + SAMPLE_STREAM)
+    draws = [masked_weights(ensemble.params, targets, generator)
+             for _ in range(cfg.predict_samples)]
+    return samples_from_draws(finish.skeleton, draws, ensemble.buffers)

@@ -62,7 +62,7 @@ from torch.func import functional_call, vmap
 from diverse.bayes import mean_field_count, mean_field_kl, pairwise_w2_squared, to_mean_field
 from diverse.ensemble import Ensemble, Params
 from diverse.errors import UserError
-from diverse.methods import Step, StepResult
+from diverse.methods import Step, StepResult, TrainingData
 
 HEAD = "mutual_head"
 """Name of the fusion-head submodule that :func:`wrap_mutual_peer` adds to a peer."""
@@ -352,7 +352,8 @@ def parameter_diversity(params: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
 # ------------------------------------------------------------------ the update
 
 
-def build_mutual_bnn(cfg: MutualBNNConfig, dataset: Any = None) -> Callable[[Step], StepResult]:
+def build_mutual_bnn(cfg: MutualBNNConfig, data: TrainingData | None = None
+                     ) -> Callable[[Step], StepResult]:
     """The mutual-learning-of-BNNs update (see the module docstring for L_k).
 
     The members must have been built through :func:`wrap_mutual_peer`.
@@ -361,7 +362,7 @@ def build_mutual_bnn(cfg: MutualBNNConfig, dataset: Any = None) -> Callable[[Ste
     gradient), logs ``nll``, ``kl`` (KL/N), ``mutual``, ``w2`` (raw W2² between
     peers), ``param_div``, ``feature_div``, ``diversity_scale`` (s(t)).
     """
-    if dataset is not None and getattr(dataset, "task", "classification") != "classification":
+    if data is not None and data.task != "classification":
         raise UserError("[method] mutual-bnn needs classification data (mutual learning on logits)")
     t = cfg.temperature
 

@@ -42,7 +42,7 @@ from diverse.annealing import ANNEALINGS, anneal
 from diverse.distributed import SINGLE
 from diverse.ensemble import Ensemble, Params, flatten_params, pull_back, unflatten_params
 from diverse.errors import UserError
-from diverse.methods import Step, StepResult, gaussian_prior_penalty
+from diverse.methods import Step, StepResult, TrainingData, gaussian_prior_penalty
 from diverse.spaces import function_embedding, weight_embedding
 
 BANDWIDTHS: dict[str, kernels.Bandwidth] = {
@@ -301,6 +301,20 @@ def function_space(cfg: SVGDConfig, direction: Repulsion,
     return update
 
 
+#: Training inputs kept for context points when the data stream (a loader, not a tensor).
+CONTEXT_POOL = 10_000
+
+
+def context_pool(cfg: SVGDConfig, data: TrainingData | None) -> Tensor | None:
+    """The inputs context points are drawn from: all training inputs of a tensor, the
+    first :data:`CONTEXT_POOL` of a stream, None without data or context points."""
+    if data is None or cfg.context_points <= 0:
+        return None
+    if data.inputs is not None:
+        return data.inputs
+    return data.head(CONTEXT_POOL) if data.batches is not None else None
+
+
 def context_inputs(cfg: SVGDConfig, x_pool: Tensor) -> Tensor:
     """``cfg.context_points`` inputs from the training pool or its widened box."""
     if cfg.context_source == "train":
@@ -335,17 +349,17 @@ def _function_prior_score(cfg: SVGDConfig, step: Step, x: Tensor, f: Tensor) -> 
 
 
 # ------------------------------------------------------------------ builders
-def build_svgd(cfg: SVGDConfig, dataset: Any = None) -> Callable[[Step], StepResult]:
+def build_svgd(cfg: SVGDConfig, data: TrainingData | None = None) -> Callable[[Step], StepResult]:
     _check(cfg)
     return weight_space(cfg, svgd_direction(cfg))
 
 
-def build_wgd(cfg: WGDConfig, dataset: Any = None) -> Callable[[Step], StepResult]:
+def build_wgd(cfg: WGDConfig, data: TrainingData | None = None) -> Callable[[Step], StepResult]:
     _check(cfg)
     return weight_space(cfg, wgd_direction(cfg))
 
 
-def build_f_svgd(cfg: SVGDConfig, dataset: Any = None) -> Callable[[Step], StepResult]:
+def build_f_svgd(cfg: SVGDConfig, data: TrainingData | None = None) -> Callable[[Step], StepResult]:
     _check(cfg)
     if cfg.output == "softmax":
         # f-SVGD mixes the members' driving terms through the kernel: with softmax outputs
@@ -356,11 +370,11 @@ def build_f_svgd(cfg: SVGDConfig, dataset: Any = None) -> Callable[[Step], StepR
         raise UserError("[method] output = 'softmax': f-svgd needs output = \"logits\" (its "
                         "kernel-weighted driving term 1/p(y) of other members is unbounded "
                         "on the softmax)")
-    pool = dataset.x_train if dataset is not None else None
+    pool = context_pool(cfg, data)
     return function_space(cfg, svgd_direction(cfg), pool)
 
 
-def build_f_wgd(cfg: WGDConfig, dataset: Any = None) -> Callable[[Step], StepResult]:
+def build_f_wgd(cfg: WGDConfig, data: TrainingData | None = None) -> Callable[[Step], StepResult]:
     _check(cfg)
-    pool = dataset.x_train if dataset is not None else None
+    pool = context_pool(cfg, data)
     return function_space(cfg, wgd_direction(cfg), pool)

@@ -29,7 +29,6 @@ from diverse.errors import UserError
 
 PRECISIONS = ("fp32", "bf16")
 #: methods whose update differentiates through gradients (double backward)
-DOUBLE_BACKWARD = frozenset({"forde"})
 #: torch.compile backend: a name or a callable ``(GraphModule, inputs) -> callable``
 COMPILE_BACKEND: str | Callable[..., Any] = "inductor"
 
@@ -66,12 +65,14 @@ def compile_ensemble(ensemble: Ensemble, backend: str | Callable[..., Any] | Non
     ensemble.execution = "vmap"
 
 
-def configure(ensemble: Ensemble, precision: str, compile: bool, method: str,
+def configure(ensemble: Ensemble, precision: str, compile: bool, *,
+              double_backward: bool = False, name: str = "the method",
               notify: Callable[[str], None] | None = None) -> None:
     """Apply ``[train] precision`` and ``[train] compile`` to a freshly built ensemble.
 
-    ``notify`` receives the one-line notice when compilation is skipped
-    (default: print to stderr).
+    ``double_backward``: the method differentiates through input gradients (the
+    method table's fact), which torch.compile cannot; it then runs eagerly and
+    ``notify`` receives the one-line notice (default: print to stderr).
     """
     if precision not in PRECISIONS:
         raise UserError(f"[train] precision = {precision!r}: allowed {', '.join(PRECISIONS)}")
@@ -83,8 +84,8 @@ def configure(ensemble: Ensemble, precision: str, compile: bool, method: str,
         raise UserError("[train] compile = true compiles the vmap execution, but this run uses "
                         "'loop' ([ensemble] execution = 'loop' or a generator method): set "
                         "execution = 'vmap' or compile = false")
-    if method in DOUBLE_BACKWARD:
-        (notify or _stderr)(f"diverse: [train] compile = true: {method} differentiates through "
+    if double_backward:
+        (notify or _stderr)(f"diverse: [train] compile = true: {name} differentiates through "
                             "input gradients, which torch.compile cannot; running eagerly")
         return
     compile_ensemble(ensemble)

@@ -17,21 +17,25 @@ Monte Carlo seed).
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from diverse import calibration as temperature
 from diverse import metrics
+from diverse.catalog import METHODS, Method
 from diverse.checkpoint import load_checkpoint
 from diverse.conformal import RANDOM_SEED, prediction_sets
-from diverse.data import DataSpec, data_spec, load_dataset, normalize, read_data_spec
+from diverse.data import data_spec, load_dataset, normalize, read_data_spec
 from diverse.errors import UserError
-from diverse.likelihoods import build_likelihood
+from diverse.likelihoods import LikelihoodConfig, build_likelihood
+from diverse.loop import MODEL_FILE
 from diverse.posthoc import Calibration, load_calibration, regression_summary
 from diverse.samples import Samples, has_samples, load_samples
 
@@ -105,22 +109,48 @@ class Predictor:
         calibration: the post-hoc :class:`diverse.posthoc.Calibration`, or ``None``.
     """
 
-    def __init__(self, run_dir: Path, device: torch.device | str = "cpu") -> None:
-        from diverse.config import load_config
+    def __init__(self, run_dir: Path, device: torch.device | str = "cpu",
+                 factory: Callable[[], nn.Module] | None = None) -> None:
+        from diverse.config import from_mapping, load_config
         from diverse.train import build_ensemble, predict_trained
 
         self.run_dir = Path(run_dir)
-        if not (self.run_dir / "config.toml").is_file():
-            raise UserError(f"{str(self.run_dir)!r} is not a run directory (no config.toml)")
+        api = (self.run_dir / MODEL_FILE).is_file()
+        if not (self.run_dir / "config.toml").is_file() and not api:
+            raise UserError(f"{str(self.run_dir)!r} is not a run directory (no config.toml or "
+                            f"{MODEL_FILE})")
         if not (self.run_dir / "checkpoints" / "latest.json").is_file():
             raise UserError(f"{str(self.run_dir)!r} has no checkpoint yet: train it first")
-        self.cfg = load_config(self.run_dir / "config.toml")
-        spec = read_data_spec(self.run_dir)
-        self.data: DataSpec = spec if spec is not None else data_spec(load_dataset(self.cfg.data))
         self.device = torch.device(device)
-        self.likelihood = build_likelihood(self.cfg.likelihood)
-        outputs = self.likelihood.outputs_per_target(self.data.num_outputs)
-        self.ensemble = build_ensemble(self.cfg, self.data.input_shape, outputs, self.device)
+        if api:  # trained through diverse.fit: the user's factory rebuilds the members
+            spec = read_data_spec(self.run_dir)
+            assert spec is not None  # written with model.json
+            self.data = spec
+            self.cfg = None
+            saved = json.loads((self.run_dir / MODEL_FILE).read_text())
+            self.likelihood = build_likelihood(LikelihoodConfig(**saved["likelihood"]))
+            name = saved["method"]["name"]
+            if name not in METHODS:
+                raise UserError(f"{self.run_dir}: unknown method {name!r} in {MODEL_FILE}")
+            config = from_mapping(METHODS[name].config, saved["method"], "[method]")
+            self.method = Method(config, for_training=False)
+            build = factory if factory is not None else import_factory(saved, self.run_dir)
+            self.ensemble = self.method.ensemble(build, int(saved["members"]),
+                                                 seed=int(saved["seed"]), device=self.device)
+            self.members = int(saved["members"])
+        else:
+            if factory is not None:
+                raise UserError("factory= is for runs trained through diverse.fit; a CLI run "
+                                "builds its model from config.toml")
+            self.cfg = load_config(self.run_dir / "config.toml")
+            spec = read_data_spec(self.run_dir)
+            self.data = spec if spec is not None else data_spec(load_dataset(self.cfg.data))
+            self.likelihood = build_likelihood(self.cfg.likelihood)
+            outputs = self.likelihood.outputs_per_target(self.data.num_outputs)
+            self.method = Method(self.cfg.method, for_training=False)
+            self.ensemble = build_ensemble(self.cfg, self.data.input_shape, outputs,
+                                           self.device, method=self.method)
+            self.members = self.cfg.ensemble.members
         model_t, _optim, manifest = load_checkpoint(self.run_dir)
         self.ensemble.load_state_tensors({k: v.to(self.device) for k, v in model_t.items()})
         self.ensemble.execution = manifest["execution"]
@@ -216,18 +246,54 @@ class Predictor:
         return self.calibration
 
     def _raw_prediction(self, x: Tensor, batch_size: int) -> Prediction:
-        return Prediction(**self._predict(self.cfg, self.data, self.likelihood, self.ensemble,
+        return Prediction(**self._predict(self.method, self.likelihood, self.ensemble,
                                           self.samples, x, batch_size))
 
     def __repr__(self) -> str:
-        return (f"Predictor({str(self.run_dir)!r}, method={self.cfg.method.name!r}, "
-                f"members={self.cfg.ensemble.members}, data={self.data.name!r}, "
+        return (f"Predictor({str(self.run_dir)!r}, method={self.method.name!r}, "
+                f"members={self.members}, data={self.data.name!r}, "
                 f"calibrated={self.calibration is not None})")
 
 
-def load(run_dir: str | Path, device: torch.device | str = "cpu") -> Predictor:
-    """A trained run from any working directory, ready to :meth:`Predictor.predict`."""
-    return Predictor(Path(run_dir).expanduser().resolve(), device)
+def load(run_dir: str | Path, device: torch.device | str = "cpu",
+         factory: Callable[[], nn.Module] | None = None) -> Predictor:
+    """A trained run from any working directory, ready to :meth:`Predictor.predict`.
+
+    A run trained through :func:`diverse.fit` is rebuilt with its model factory:
+    re-imported from where it was defined (a top-level function or class of a
+    module or script), or ``factory`` when given (needed for a lambda).
+    """
+    return Predictor(Path(run_dir).expanduser().resolve(), device, factory)
+
+
+def import_factory(saved: dict[str, Any], run_dir: Path) -> Callable[[], nn.Module]:
+    """The model factory a Python-API run recorded (``factory`` ``"module:qualname"``,
+    ``file`` the script it was defined in, if run as one)."""
+    import importlib
+    import importlib.util
+
+    ref, file = saved.get("factory"), saved.get("file")
+    if not ref:
+        raise UserError(f"{run_dir} was trained with a model factory that cannot be re-imported "
+                        "(a lambda or a nested function): pass it, diverse.load(RUN, "
+                        "factory=...)")
+    module_name, _, qualname = ref.partition(":")
+    try:
+        if file:
+            spec = importlib.util.spec_from_file_location(f"diverse_user_{module_name}", file)
+            if spec is None or spec.loader is None or not Path(file).is_file():
+                raise ImportError(f"no such file {file!r}")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+        target: Any = module
+        for part in qualname.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as err:
+        raise UserError(f"{run_dir}: cannot import the model factory {ref!r} ({err}); pass it, "
+                        "diverse.load(RUN, factory=...)") from err
+    return target
 
 
 def predict_file(run_dir: Path, inputs: Path, out: Path, calibration: str | None = None,

@@ -42,15 +42,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from diverse.ensemble import flatten_params, unflatten_params
+from diverse.ensemble import Ensemble, flatten_params, unflatten_params
 from diverse.errors import UserError
-from diverse.methods import Step, StepResult, negative_log_posterior
-from diverse.samples import Samples, base_model, samples_from_draws
+from diverse.methods import Finish, Step, StepResult, TrainingData, negative_log_posterior
+from diverse.samples import Samples, samples_from_draws
 from diverse.validate import check_count, check_number
 
 BUFFERS = ("sghmc_momentum", "sghmc_samples", "sghmc_count")
@@ -141,17 +140,16 @@ def sghmc_step(theta: Tensor, momentum: Tensor, grad: Tensor, lr: float, frictio
     return theta + v, v
 
 
-def wrap_sghmc(cfg: Any, module: nn.Module) -> nn.Module:
+def wrap_sghmc(cfg: SGHMCConfig, module: nn.Module, members: int = 1,
+               seed: int = 0) -> nn.Module:
     """``MethodSpec.wrap_model``: register momentum, sample slots and per-cycle counts.
 
-    Also refuses ``[train] weight_decay > 0`` (see the module docstring).
+    (``[train] weight_decay > 0`` is refused by :func:`diverse.catalog.check_training`:
+    a sampler takes no optimizer step.)
     """
-    if cfg.train.weight_decay > 0:
-        raise UserError(f"sghmc: [train] weight_decay = {cfg.train.weight_decay}: must be 0 "
-                        f"(the sampler moves the weights itself; use [train] prior_std)")
     d = sum(p.numel() for p in module.parameters())
     like = next(module.parameters())
-    method = cfg.method
+    method = cfg
     module.register_buffer("sghmc_momentum", torch.zeros(d, dtype=like.dtype))
     module.register_buffer("sghmc_samples",
                            torch.zeros(method.predict_samples, d, dtype=like.dtype))
@@ -159,7 +157,7 @@ def wrap_sghmc(cfg: Any, module: nn.Module) -> nn.Module:
     return module
 
 
-def build_sghmc(cfg: SGHMCConfig, dataset: Any = None) -> Callable[[Step], StepResult]:
+def build_sghmc(cfg: SGHMCConfig, data: TrainingData | None = None) -> Callable[[Step], StepResult]:
     """The SGHMC update (module docstring): moves θ, updates the buffers, returns zero grads."""
     per_cycle = cfg.predict_samples // max(cfg.cycles, 1)
 
@@ -190,18 +188,17 @@ def build_sghmc(cfg: SGHMCConfig, dataset: Any = None) -> Callable[[Step], StepR
                 count[:, c] += 1
         return StepResult(
             loss=loss.detach(), outputs=outputs.detach(),
-            grads={k: torch.zeros_like(params[k]) for k in names},
+            grads=None,  # the sampler has moved θ: no optimizer step
             logs={"step_size": lr, "sampling": float(sampling)},
         )
 
     return update
 
 
-def finalize_sghmc(run: Any) -> Samples:
+def finalize_sghmc(cfg: SGHMCConfig, ensemble: Ensemble, finish: Finish) -> Samples:
     """The kept samples of every member, draw-major; UserError if a cycle kept too few."""
-    cfg = run.cfg.method
     per_cycle = cfg.predict_samples // max(cfg.cycles, 1)
-    counts = run.ensemble.buffers["sghmc_count"][0].tolist()
+    counts = ensemble.buffers["sghmc_count"][0].tolist()
     short = [(c, n) for c, n in enumerate(counts) if n < per_cycle]
     if short:
         c, n = short[0]
@@ -210,8 +207,6 @@ def finalize_sghmc(run: Any) -> Samples:
             f"needs {per_cycle} per cycle: lower burn_in or thinning, or train longer "
             f"(thinning = 0 needs at least {per_cycle} sampling steps per cycle)"
         )
-    skeleton = base_model(run.cfg, run.dataset, run.likelihood)
-    kept = run.ensemble.buffers["sghmc_samples"]  # (M, K, D)
-    like = run.ensemble.params
-    draws = [unflatten_params(kept[:, k].clone(), like) for k in range(kept.shape[1])]
-    return samples_from_draws(skeleton, draws, run.ensemble.buffers)
+    kept = ensemble.buffers["sghmc_samples"]  # (M, K, D)
+    draws = [unflatten_params(kept[:, k].clone(), ensemble.params) for k in range(kept.shape[1])]
+    return samples_from_draws(finish.skeleton, draws, ensemble.buffers)

@@ -15,7 +15,7 @@ by a vector-Jacobian product (:func:`diverse.ensemble.pull_back`):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -114,13 +114,51 @@ def pca_lengthscales(x_train: Tensor, alpha: float = 1.0, form: str = "reference
             rows = rows - mean
         second.addmm_(rows.T, rows)
     second /= n - 1
+    return _lengthscales_of_moment(second, alpha, form, x_train.dtype)
+
+
+def pca_lengthscales_from_batches(batches: Iterable[tuple[Tensor, Tensor]], alpha: float = 1.0,
+                                  form: str = "reference") -> Lengthscales:
+    """:func:`pca_lengthscales` in one pass over ``(x, y)`` batches (e.g. a ``DataLoader``).
+
+    Accumulates ``N``, ``Σ x`` and ``Σ x xᵀ`` in float64, so the training inputs
+    never need to fit in memory at once; the centred forms use
+    ``XcᵀXc = XᵀX − N x̄ x̄ᵀ``. Agrees with :func:`pca_lengthscales` on the
+    concatenated inputs up to float64 rounding.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha = {alpha}: must lie in [0, 1]")
+    if form not in ("reference", "covariance", "correlation"):
+        raise ValueError(f"pca form {form!r}: allowed reference, covariance, correlation")
+    n, total, second, dtype = 0, None, None, torch.float32
+    for x, _y in batches:
+        rows = x.detach().reshape(len(x), -1)
+        dtype = rows.dtype
+        rows = rows.double()
+        if second is None:
+            second = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64,
+                                 device=rows.device)
+            total = torch.zeros(rows.shape[1], dtype=torch.float64, device=rows.device)
+        second.addmm_(rows.T, rows)
+        total += rows.sum(0)
+        n += len(rows)
+    if second is None or total is None or n < 2:
+        raise ValueError(f"pca_lengthscales_from_batches needs at least 2 inputs, got {n}")
+    if form != "reference":
+        mean = total / n
+        second -= n * torch.outer(mean, mean)
+    return _lengthscales_of_moment(second / (n - 1), alpha, form, dtype)
+
+
+def _lengthscales_of_moment(second: Tensor, alpha: float, form: str,
+                            dtype: torch.dtype) -> Lengthscales:
+    """Eigenpairs of a second-moment matrix ``(D, D)`` → :class:`Lengthscales`."""
     if form == "correlation":
         std = second.diagonal().sqrt().clamp_min(1e-8)
         second = second / std[:, None] / std[None, :]
     eigvals, eigvecs = torch.linalg.eigh(second)
     eigvals, eigvecs = eigvals.flip(0), eigvecs.flip(1)
     scale = ((1.0 - alpha) + alpha * eigvals.clamp_min(0.0)).sqrt()
-    dtype = x_train.dtype
     return Lengthscales(eigvecs.to(dtype), scale.to(dtype))
 
 

@@ -31,15 +31,22 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from diverse.ensemble import flatten_params, unflatten_params
+from diverse.ensemble import Ensemble, flatten_params, unflatten_params
 from diverse.errors import UserError
-from diverse.methods import DeepEnsembleConfig, Step, StepResult, deep_ensemble
-from diverse.samples import Samples, base_model, samples_from_draws
+from diverse.methods import (
+    DeepEnsembleConfig,
+    Finish,
+    Step,
+    StepResult,
+    TrainingData,
+    deep_ensemble,
+)
+from diverse.samples import Samples, samples_from_draws
 from diverse.validate import check_count, check_number
 
 BUFFERS = ("swag_mean", "swag_sq_mean", "swag_dev", "swag_count")
@@ -137,18 +144,18 @@ def swag_state(buffers: dict[str, Tensor]) -> SWAGState:
     return SWAGState(*(buffers[name] for name in BUFFERS))
 
 
-def wrap_swag(cfg: Any, module: nn.Module) -> nn.Module:
+def wrap_swag(cfg: SWAGConfig, module: nn.Module, members: int = 1, seed: int = 0) -> nn.Module:
     """``MethodSpec.wrap_model``: register the SWAG buffers (zeros) on the member."""
     d = sum(p.numel() for p in module.parameters())
     like = next(module.parameters())
     module.register_buffer("swag_mean", torch.zeros(d, dtype=like.dtype))
     module.register_buffer("swag_sq_mean", torch.zeros(d, dtype=like.dtype))
-    module.register_buffer("swag_dev", torch.zeros(cfg.method.rank, d, dtype=like.dtype))
+    module.register_buffer("swag_dev", torch.zeros(cfg.rank, d, dtype=like.dtype))
     module.register_buffer("swag_count", torch.zeros((), dtype=torch.int64))
     return module
 
 
-def build_swag(cfg: SWAGConfig, dataset: Any = None) -> Callable[[Step], StepResult]:
+def build_swag(cfg: SWAGConfig, data: TrainingData | None = None) -> Callable[[Step], StepResult]:
     """Deep-ensemble update that first collects θ into the SWAG buffers when due."""
     inner = deep_ensemble(DeepEnsembleConfig())
 
@@ -167,13 +174,10 @@ def build_swag(cfg: SWAGConfig, dataset: Any = None) -> Callable[[Step], StepRes
     return update
 
 
-def finalize_swag(run: Any) -> Samples:
-    """``predict_samples`` SWAG draws per member (seeded by ``[train] seed``)."""
-    cfg = run.cfg.method
-    skeleton = base_model(run.cfg, run.dataset, run.likelihood)
-    generator = torch.Generator().manual_seed(run.cfg.train.seed * 1_000_003 + SAMPLE_STREAM)
-    flat = swag_sample(swag_state(run.ensemble.buffers), cfg.predict_samples, generator,
+def finalize_swag(cfg: SWAGConfig, ensemble: Ensemble, finish: Finish) -> Samples:
+    """``predict_samples`` SWAG draws per member (seeded by the run's seed)."""
+    generator = torch.Generator().manual_seed(finish.seed * 1_000_003 + SAMPLE_STREAM)
+    flat = swag_sample(swag_state(ensemble.buffers), cfg.predict_samples, generator,
                        cfg.scale, cfg.var_clamp)
-    like = run.ensemble.params
-    draws = [unflatten_params(flat[i], like) for i in range(flat.shape[0])]
-    return samples_from_draws(skeleton, draws, run.ensemble.buffers)
+    draws = [unflatten_params(flat[i], ensemble.params) for i in range(flat.shape[0])]
+    return samples_from_draws(finish.skeleton, draws, ensemble.buffers)

@@ -27,14 +27,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from diverse.bayes import mean_field_kl, mean_field_names, sigma_of, to_mean_field
-from diverse.methods import Step, StepResult
-from diverse.samples import Params, Samples, base_model, samples_from_draws
+from diverse.ensemble import Ensemble
+from diverse.methods import Finish, Step, StepResult, TrainingData
+from diverse.samples import Params, Samples, samples_from_draws
 from diverse.validate import check_count, check_number
 
 SAMPLE_STREAM = 7_002  # generator seed offset of the posterior draws
@@ -65,9 +65,9 @@ class VIConfig:
         check_count("[method] predict_samples", self.predict_samples)
 
 
-def wrap_vi(cfg: Any, module: nn.Module) -> nn.Module:
-    """``MethodSpec.wrap_model``: the member made mean-field (``cfg.method`` priors)."""
-    return to_mean_field(module, prior_std=cfg.method.prior_std, init_rho=cfg.method.init_rho)
+def wrap_vi(cfg: VIConfig, module: nn.Module, members: int = 1, seed: int = 0) -> nn.Module:
+    """``MethodSpec.wrap_model``: the member made mean-field (``cfg``'s prior and ρ₀)."""
+    return to_mean_field(module, prior_std=cfg.prior_std, init_rho=cfg.init_rho)
 
 
 def negative_elbo(step: Step, params: Params, cfg: VIConfig) -> tuple[Tensor, Tensor, Tensor]:
@@ -81,7 +81,7 @@ def negative_elbo(step: Step, params: Params, cfg: VIConfig) -> tuple[Tensor, Te
     return nll + cfg.kl_weight * kl, nll, outputs
 
 
-def build_vi(cfg: VIConfig, dataset: Any = None) -> Callable[[Step], StepResult]:
+def build_vi(cfg: VIConfig, data: TrainingData | None = None) -> Callable[[Step], StepResult]:
     """The Bayes-by-backprop update: ∂Σ_m L_m/∂(μ, ρ), every member's own gradient."""
 
     def update(step: Step) -> StepResult:
@@ -117,10 +117,8 @@ def draw_weights(params: Params, generator: torch.Generator) -> Params:
     return out
 
 
-def finalize_vi(run: Any) -> Samples:
-    """``predict_samples`` posterior draws per member (seeded by ``[train] seed``)."""
-    skeleton = base_model(run.cfg, run.dataset, run.likelihood)
-    generator = torch.Generator().manual_seed(run.cfg.train.seed * 1_000_003 + SAMPLE_STREAM)
-    draws = [draw_weights(run.ensemble.params, generator)
-             for _ in range(run.cfg.method.predict_samples)]
-    return samples_from_draws(skeleton, draws, run.ensemble.buffers)
+def finalize_vi(cfg: VIConfig, ensemble: Ensemble, finish: Finish) -> Samples:
+    """``predict_samples`` posterior draws per member (seeded by the run's seed)."""
+    generator = torch.Generator().manual_seed(finish.seed * 1_000_003 + SAMPLE_STREAM)
+    draws = [draw_weights(ensemble.params, generator) for _ in range(cfg.predict_samples)]
+    return samples_from_draws(finish.skeleton, draws, ensemble.buffers)
