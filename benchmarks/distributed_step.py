@@ -32,13 +32,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from diverse.catalog import METHODS
+from diverse.catalog import Method
 from diverse.config import config_from_dict
 from diverse.data import Dataset
 from diverse.distributed import Comm
 from diverse.ensemble import Ensemble
 from diverse.likelihoods import Categorical
-from diverse.methods import Step
+from diverse.methods import Step, TrainingData
 from diverse.models import build_model
 
 MODELS = {"mlp": ({"name": "mlp", "hidden": [200, 200]}, (1, 28, 28)),
@@ -70,7 +70,7 @@ def rank_steps(comm: Comm, device: torch.device, args: argparse.Namespace, model
     offset, count = comm.shard(members)
     ens = Ensemble(lambda: build_model(cfg.model, shape, 10), count, seed=0,
                    execution=args.execution, member_offset=offset, device=device).train()
-    update = METHODS[cfg.method.name].build(cfg.method, data)
+    update = Method(cfg.method, TrainingData.of(data)).update
     opt = torch.optim.Adam(list(ens.params.values()), lr=1e-3)
     x, y = x_train[:args.batch].to(device), labels[:args.batch].to(device)
 

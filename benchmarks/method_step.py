@@ -22,12 +22,11 @@ import time
 
 import torch
 
-from diverse.catalog import METHODS
+from diverse.catalog import Method
 from diverse.config import config_from_dict
 from diverse.data import Dataset
-from diverse.ensemble import Ensemble
 from diverse.likelihoods import Categorical
-from diverse.methods import Step
+from diverse.methods import Step, TrainingData
 from diverse.models import build_model
 
 MODELS = {"mlp": ({"name": "mlp", "hidden": [200, 200]}, (1, 28, 28)),
@@ -66,16 +65,11 @@ def make_stepper(model: str, method: str, members: int, device: torch.device, ba
     x_train = torch.randn(512, *shape)
     data = Dataset("bench", "classification", x_train, torch.zeros(512, dtype=torch.long),
                    x_train, torch.zeros(512, dtype=torch.long), 10, {}, (0.0,), (1.0,))
-    spec = METHODS[cfg.method.name]
-
-    def factory() -> torch.nn.Module:
-        module = build_model(cfg.model, shape, 10)
-        return module if spec.wrap_model is None else spec.wrap_model(cfg, module)
-
-    # a hypernetwork is one slot generating M members per step (as in train.build_run)
-    ens = Ensemble(factory, 1 if spec.generator else members, seed=0,
-                   execution="loop" if spec.generator else execution, device=device).train()
-    update = spec.build(cfg.method, data)
+    method = Method(cfg.method, TrainingData.of(data))
+    # a hypernetwork is one slot generating M members per step (Method.ensemble)
+    ens = method.ensemble(lambda: build_model(cfg.model, shape, 10), members, seed=0,
+                          execution=execution, device=device).train()
+    update = method.update
     opt = torch.optim.Adam(list(ens.params.values()), lr=1e-3)
     x = torch.randn(batch, *shape, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
@@ -84,9 +78,10 @@ def make_stepper(model: str, method: str, members: int, device: torch.device, ba
     def step() -> None:
         result = update(Step(ens, x, y, lik, n_train=60000, prior_std=1.0, progress=0.5,
                              index=10**6))  # past every warm-up
-        for name, p in ens.params.items():
-            p.grad = result.grads[name]
-        opt.step()
+        if result.grads is not None:  # a sampler moves θ itself
+            for name, p in ens.params.items():
+                p.grad = result.grads[name]
+            opt.step()
 
     return step
 

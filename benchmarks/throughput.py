@@ -35,12 +35,12 @@ from collections.abc import Callable
 import torch
 
 from diverse import precision
-from diverse.catalog import METHODS
+from diverse.catalog import Method
 from diverse.config import config_from_dict
 from diverse.data import Dataset
 from diverse.ensemble import Ensemble
 from diverse.likelihoods import Categorical
-from diverse.methods import Step
+from diverse.methods import Step, TrainingData
 from diverse.models import build_model
 
 MODELS = {"resnet20": ({"name": "resnet20", "norm": "group"}, (3, 32, 32)),
@@ -80,8 +80,10 @@ def make_step(model: str, method: str, variant: str, members: int, batch: int,
                    (0.0,), (1.0,))
     ens = Ensemble(lambda: build_model(cfg.model, shape, 10), members, seed=0,
                    execution=execution, device=device).train()
-    precision.configure(ens, prec, compiled, cfg.method.name)
-    update = METHODS[cfg.method.name].build(cfg.method, data)
+    method = Method(cfg.method, TrainingData.of(data))
+    precision.configure(ens, prec, compiled, double_backward=method.spec.double_backward,
+                        name=method.name)
+    update = method.update
     opt = torch.optim.Adam(list(ens.params.values()), lr=1e-3)
     x, y = x_train[:batch].to(device), labels[:batch].to(device)
 

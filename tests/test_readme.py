@@ -27,9 +27,22 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
                       'validation_fraction = 0.25\n[model]\nhidden = [32]\n[ensemble]\n'
                       'members = 2\n[train]\nepochs = 1\nbatch_size = 64\n')
     assert main(["train", str(config), "--out", "runs/fmnist-cal", "--quiet"]) == 0
+    spaces = []
     for block in _python_blocks():
         namespace: dict = {}
         exec(compile(block, str(README), "exec"), namespace)  # noqa: S102
+        spaces.append(namespace)
+    # the Library walk-through: trained, checkpointed, loaded, predicting as in process
+    from diverse import metrics
+    from diverse.likelihoods import Categorical
+    from diverse.train import predict_trained
+
+    walk = next(ns for ns in spaces if "make_net" in ns)
+    assert walk["probs"].shape == (5, 297, 10)
+    assert float(metrics.accuracy(walk["probs"], walk["y"][1500:])) > 0.85
+    here = predict_trained(walk["method"], Categorical(), walk["members"], None,
+                           walk["x"][1500:])["probs"]
+    assert torch.equal(walk["probs"], here)
     # the load example's results: the stored temperature applied to the same predictions
     from diverse.calibration import apply_temperature
 

@@ -29,7 +29,7 @@ _LAZY = {
     "load": "diverse.predictor", "Predictor": "diverse.predictor",
     "Prediction": "diverse.predictor",
     "fit": "diverse.loop", "FitResult": "diverse.loop", "Callback": "diverse.loop",
-    "TensorBatches": "diverse.loop", "predict": "diverse.loop",
+    "TensorBatches": "diverse.loop", "predict": "diverse.prediction",
     "Ensemble": "diverse.ensemble",
     "Method": "diverse.catalog", "build_method": "diverse.catalog", "METHODS": "diverse.catalog",
     "TrainingData": "diverse.methods", "DeepEnsembleConfig": "diverse.methods",

@@ -128,6 +128,8 @@ class Ensemble(nn.Module):
         self.members = members
         self.member_offset = member_offset
         self.seed = seed
+        #: the one slot is a generator whose forward returns (K, B, ...) (a hypernetwork)
+        self.generates_members = bool(getattr(skeleton, "generates_members", False))
         #: the user's factory of one plain member (a method's ensemble wraps each member;
         #: weight samples and saved runs need the plain model) and the method it was made for
         self.base_factory: Callable[[], nn.Module] = factory

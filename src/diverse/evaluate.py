@@ -34,7 +34,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -57,7 +57,10 @@ from diverse.posthoc import (
     save_calibration,
     selective_figures,
 )
-from diverse.train import Run, predict_run
+from diverse.prediction import predict_run
+
+if TYPE_CHECKING:  # the application layer's run; evaluation only reads it
+    from diverse.train import Run
 
 
 def member_figures(probs: Tensor, labels: Tensor) -> dict[str, list[float]]:
@@ -238,7 +241,7 @@ def member_cka(run: Run, n: int = 500) -> dict[str, Any] | None:
     from diverse.cka import cka_matrix
 
     module = run.ensemble.module
-    generator = getattr(module, "generates_members", False)
+    generator = run.ensemble.generates_members
     owner = module.target if generator else module
     named = dict(owner.named_modules())
     layers = [name for name in getattr(owner, "feature_layers", ()) if name in named]

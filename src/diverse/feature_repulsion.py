@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from diverse import he_cka as he
+from diverse import metrics
 from diverse.cka import CENTERINGS, GRAM_KINDS, as_matrix, unit_grams
 from diverse.data import normalize
 from diverse.ensemble import Params, flatten_params, unflatten_params
@@ -296,9 +297,10 @@ def _features(step: Step, params: Params, x: Tensor,
 
 
 def _disagreement(logits: Tensor) -> float:
-    pred = logits.detach().argmax(-1)
-    vote = torch.mode(pred, dim=0).values
-    return float((pred != vote).float().mean())
+    """``diag_disagreement``: the mean pairwise disagreement of the members'
+    predicted classes on the batch (:func:`diverse.metrics.disagreement`), the same
+    quantity the particle methods log."""
+    return float(metrics.disagreement(logits.detach()).mean())
 
 
 # ------------------------------------------------------------------ the methods

@@ -50,7 +50,7 @@ from diverse.catalog import Method, check_training
 from diverse.checkpoint import load_checkpoint, save_checkpoint
 from diverse.config import TrainConfig
 from diverse.distributed import SINGLE, Comm
-from diverse.ensemble import Ensemble, evaluating
+from diverse.ensemble import Ensemble
 from diverse.errors import DivergenceError, UserError
 from diverse.likelihoods import Likelihood, LikelihoodConfig, build_likelihood
 from diverse.methods import Finish, Step, StepResult
@@ -60,12 +60,12 @@ from diverse.optim import (
     optimizer_tensors,
     schedule_factor,
 )
+from diverse.prediction import predict
 from diverse.progress import Progress
 from diverse.samples import Samples, save_samples
 from diverse.tracking import NullTracker
 
 PROGRESS_LOGS = ("driving_over_repulsion", "disagreement")  # method diagnostics shown live
-PREDICT_SEED = 20_261_123  # Monte Carlo prediction draws are seeded: evaluation is repeatable
 
 Batches = Iterable[tuple[Tensor, Tensor]]
 
@@ -173,48 +173,6 @@ class FitResult:
 
 
 # ---------------------------------------------------------------- prediction
-def member_outputs(ensemble: Ensemble, x: Tensor, samples: int = 1) -> Tensor:
-    """Outputs of every predictive sample ``(S, B, ...)`` in the current mode.
-
-    A plain ensemble gives ``S = M``. A generator slot (hypernetwork) returns
-    ``(1, K, B, ...)``, flattened to ``S = K``. With ``samples > 1`` (Bayesian
-    layers, MC dropout) the forward is repeated and the draws are stacked
-    draw-major: ``[draw 0 of members 0..M-1, draw 1 of members 0..M-1, ...]``,
-    so the first M samples hold one draw of every member.
-    """
-    draws = []
-    for _ in range(samples):
-        out = ensemble(x)
-        if getattr(ensemble.module, "generates_members", False):  # (1, K, B, ...)
-            out = out.flatten(0, 1)
-        draws.append(out)
-    return torch.cat(draws) if samples > 1 else draws[0]
-
-
-@torch.no_grad()
-def predict(ensemble: Ensemble, likelihood: Likelihood, x: Tensor | Batches,
-            batch_size: int = 1000, samples: int = 1) -> dict[str, Tensor]:
-    """Predictions of every sample in eval mode, on CPU: ``{key: (S, N, ...)}``.
-
-    ``x`` is a tensor ``(N, ...)`` (predicted ``batch_size`` at a time) or any
-    iterable of ``(x, y)`` batches. ``S = M × samples`` (see
-    :func:`member_outputs`); random draws use a fixed seed (restoring the global
-    RNG afterwards), so repeated calls agree.
-    """
-    parts: list[dict[str, Tensor]] = []
-    devices = [ensemble.device] if ensemble.device.type == "cuda" else []
-    chunks: Iterable[Tensor] = ((x[s:s + batch_size] for s in range(0, len(x), batch_size))
-                                if isinstance(x, Tensor) else (b[0] for b in x))
-    with evaluating(ensemble), torch.random.fork_rng(devices=devices):
-        torch.manual_seed(PREDICT_SEED)
-        for xb in chunks:
-            out = member_outputs(ensemble, xb.to(ensemble.device), samples)
-            parts.append({k: v.cpu() for k, v in likelihood.predict(out).items()})
-    if not parts:
-        raise UserError("nothing to predict: the inputs are empty")
-    return {k: torch.cat([p[k] for p in parts], dim=1) for k in parts[0]}
-
-
 def held_out_figures(ensemble: Ensemble, method: Method, likelihood: Likelihood,
                      x: Tensor | Batches, y: Tensor | None, split: str,
                      comm: Comm = SINGLE) -> dict[str, float]:

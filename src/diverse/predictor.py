@@ -280,9 +280,18 @@ def import_factory(saved: dict[str, Any], run_dir: Path) -> Callable[[], nn.Modu
     module_name, _, qualname = ref.partition(":")
     try:
         if file:
-            spec = importlib.util.spec_from_file_location(f"diverse_user_{module_name}", file)
-            if spec is None or spec.loader is None or not Path(file).is_file():
+            # a script's top level runs again on import: only one that keeps its work
+            # under a main guard is imported (else its training would run again)
+            if not Path(file).is_file():
                 raise ImportError(f"no such file {file!r}")
+            source = Path(file).read_text(errors="replace")
+            if "__name__ == \"__main__\"" not in source and \
+                    "__name__ == '__main__'" not in source:
+                raise ImportError(f"the script {file!r} has no `if __name__ == \"__main__\":` "
+                                  "guard, so importing it would run it again")
+            spec = importlib.util.spec_from_file_location(f"diverse_user_{module_name}", file)
+            if spec is None or spec.loader is None:
+                raise ImportError(f"cannot import {file!r}")
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
         else:

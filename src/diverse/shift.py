@@ -13,7 +13,7 @@ statistics. Everything is deterministic under ``seed``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch import Tensor
@@ -22,8 +22,11 @@ from diverse import metrics
 from diverse.corruptions import CORRUPTIONS, SEVERITIES, corrupt, rotated_sets
 from diverse.data import denormalize, normalize
 from diverse.errors import UserError
+from diverse.prediction import predict_run
 from diverse.progress import Progress
-from diverse.train import Run, predict_run
+
+if TYPE_CHECKING:  # the application layer's run; evaluation only reads it
+    from diverse.train import Run
 
 
 def _figures(run: Run, x_unit: Tensor, labels: Tensor) -> dict[str, float]:

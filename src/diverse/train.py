@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from diverse import distributed, precision
-from diverse import samples as sample_set
 from diverse.catalog import METHODS, Method, check_training
 from diverse.checkpoint import load_checkpoint
 from diverse.config import Config, config_to_dict
@@ -42,18 +41,22 @@ from diverse.ensemble import Ensemble
 from diverse.errors import UserError
 from diverse.likelihoods import Likelihood, build_likelihood
 from diverse.loop import (
-    PREDICT_SEED,
     REPULSION_WARNING_RATIO,
     TensorBatches,
     as_callback,
     epoch_seed,
     fit,
-    member_outputs,
-    predict,
     repulsion_warning,
 )
 from diverse.methods import Step, StepResult, TrainingData
 from diverse.models import build_model
+from diverse.prediction import (
+    PREDICT_SEED,
+    member_outputs,
+    predict,
+    predict_run,
+    predict_trained,
+)
 from diverse.samples import Samples, has_samples, load_samples
 from diverse.tracking import check_backend, open_tracker
 
@@ -199,27 +202,6 @@ def build_ensemble(cfg: Config, input_shape: tuple[int, ...], outputs: int,
                         double_backward=method.spec.double_backward, name=method.name,
                         notify=None if comm.rank == 0 else lambda _text: None)
     return ensemble
-
-
-def predict_run(run: Run, x: Tensor, batch_size: int = 1000) -> dict[str, Tensor]:
-    """:func:`predict_trained` of a run's members (or weight samples) on ``x``."""
-    return predict_trained(run.method, run.likelihood, run.ensemble, run.samples, x, batch_size)
-
-
-def predict_trained(method: Method, likelihood: Likelihood, ensemble: Ensemble,
-                    samples: Samples | None, x: Tensor, batch_size: int = 1000
-                    ) -> dict[str, Tensor]:
-    """:func:`predict` with the method's Monte Carlo draws per member.
-
-    With weight samples (a Bayesian baseline after training) the prediction goes
-    through them instead, on the plain model ``ensemble.base_factory()``:
-    ``(S, N, ...)``, draw-major (:mod:`diverse.samples`).
-    """
-    if samples is not None:
-        with torch.random.fork_rng(devices=[]):
-            skeleton = ensemble.base_factory().eval()
-        return sample_set.predict(skeleton, samples, likelihood, x, batch_size)
-    return predict(ensemble, likelihood, x, batch_size, samples=method.prediction_draws())
 
 
 def train(
