@@ -32,14 +32,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from diverse.catalog import Method
-from diverse.config import config_from_dict
-from diverse.data import Dataset
-from diverse.distributed import Comm
-from diverse.ensemble import Ensemble
-from diverse.likelihoods import Categorical
-from diverse.methods import Step, TrainingData
-from diverse.models import build_model
+from diverse.app.config import config_from_dict
+from diverse.data.datasets import Dataset
+from diverse.methods.base import Step, TrainingData
+from diverse.methods.catalog import Method
+from diverse.nets.distributed import Comm
+from diverse.nets.ensemble import Ensemble
+from diverse.nets.likelihoods import Categorical
+from diverse.nets.models import build_model
 
 MODELS = {"mlp": ({"name": "mlp", "hidden": [200, 200]}, (1, 28, 28)),
           "resnet20": ({"name": "resnet20", "norm": "group"}, (3, 32, 32))}

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from diverse.ensemble import Ensemble
-from diverse.models import LeNetConfig, MLPConfig, ResNetConfig, build_model
+from diverse.nets.ensemble import Ensemble
+from diverse.nets.models import LeNetConfig, MLPConfig, ResNetConfig, build_model
 
 MODELS = {
     "mlp": (lambda: build_model(MLPConfig(hidden=(200, 200)), (1, 28, 28), 10), (1, 28, 28)),

@@ -22,12 +22,12 @@ import time
 
 import torch
 
-from diverse.catalog import Method
-from diverse.config import config_from_dict
-from diverse.data import Dataset
-from diverse.likelihoods import Categorical
-from diverse.methods import Step, TrainingData
-from diverse.models import build_model
+from diverse.app.config import config_from_dict
+from diverse.data.datasets import Dataset
+from diverse.methods.base import Step, TrainingData
+from diverse.methods.catalog import Method
+from diverse.nets.likelihoods import Categorical
+from diverse.nets.models import build_model
 
 MODELS = {"mlp": ({"name": "mlp", "hidden": [200, 200]}, (1, 28, 28)),
           # the RDE reference code's Fashion-MNIST MLP (REFERENCES §6: 15.3 / 19.3 / 21.9 ms

@@ -6,7 +6,7 @@ second (every member sees the batch). Two tables:
 
 1. the deep ensemble for each variant — ``loop``, ``vmap``, ``vmap+compile``,
    ``vmap+bf16``, ``vmap+compile+bf16`` ([train] precision / compile, see
-   :mod:`diverse.precision`): ms/step, images/s and, on CUDA, the step's
+   :mod:`diverse.nets.precision`): ms/step, images/s and, on CUDA, the step's
    extra memory (peak allocated during the step minus allocated before it);
 2. each method's ms/step and ratio over DE under one variant
    (``--method-variant``; FoRDE runs eagerly when it asks for compilation).
@@ -34,14 +34,14 @@ from collections.abc import Callable
 
 import torch
 
-from diverse import precision
-from diverse.catalog import Method
-from diverse.config import config_from_dict
-from diverse.data import Dataset
-from diverse.ensemble import Ensemble
-from diverse.likelihoods import Categorical
-from diverse.methods import Step, TrainingData
-from diverse.models import build_model
+from diverse.app.config import config_from_dict
+from diverse.data.datasets import Dataset
+from diverse.methods.base import Step, TrainingData
+from diverse.methods.catalog import Method
+from diverse.nets import precision
+from diverse.nets.ensemble import Ensemble
+from diverse.nets.likelihoods import Categorical
+from diverse.nets.models import build_model
 
 MODELS = {"resnet20": ({"name": "resnet20", "norm": "group"}, (3, 32, 32)),
           "resnet20-bn": ({"name": "resnet20", "norm": "batch"}, (3, 32, 32)),

@@ -1,6 +1,6 @@
 """Your own model and DataLoader through diverse's Python API.
 
-A CNN that is not in ``diverse.models``, a ``torch.utils.data.DataLoader`` whose
+A CNN that is not in ``diverse.nets.models``, a ``torch.utils.data.DataLoader`` whose
 dataset augments with a random crop (1 pixel of padding) and a horizontal flip,
 and seven methods trained on it with the same three calls —
 ``build_method(config, data)``, ``method.ensemble(factory, M)``, ``fit(...)`` —
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 import diverse
-from diverse import metrics
+from diverse.math import metrics
 
 # -------------------------------------------------------------- the user's model
 
@@ -106,7 +106,7 @@ def normalize(x: np.ndarray) -> Tensor:
 
 
 def diverse_normalize(x: Tensor) -> Tensor:
-    from diverse.data import normalize as norm
+    from diverse.data.datasets import normalize as norm
 
     return norm(x, (MEAN,), (STD,))
 
@@ -161,8 +161,8 @@ def train_method(name: str, out: Path, *, subset: int = 0, epochs: int = 4, memb
 
 def in_process_probs(method, ensemble, samples, x: Tensor) -> Tensor:
     """The prediction of the trained objects, without going through the run directory."""
-    from diverse.likelihoods import Categorical
-    from diverse.train import predict_trained
+    from diverse.app.train import predict_trained
+    from diverse.nets.likelihoods import Categorical
 
     return predict_trained(method, Categorical(), ensemble, samples, x)["probs"]
 

@@ -7,7 +7,7 @@
 For each run (all on the toy's 200 test inputs, x ∈ [0, 7]): the mean over x of
 the exact W2 between its samples of f(x) and HMC's, the ratio of its std of f to
 HMC's and the mean |μ − μ_HMC| in the gap between the training intervals, in
-extrapolation and near the data (:mod:`diverse.reference`), and the NLL of
+extrapolation and near the data (:mod:`diverse.evaluation.reference`), and the NLL of
 noisy held-out targets y = x·sin x + ε, ε ~ N(0, σ²) (σ the reference run's
 likelihood noise; ``--noise-draws`` targets per x, seeded) under each
 predictive (the mixture of the members' Gaussians). A "floor" row compares
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from diverse.checkpoint import atomic_write_text
-from diverse.reference import REGIONS, distance_table, input_regions
-from diverse.toys import regression_1d_function
+from diverse.data.toys import regression_1d_function
+from diverse.evaluation.reference import REGIONS, distance_table, input_regions
 
 
 def _load(run_dir: Path) -> dict[str, np.ndarray]:

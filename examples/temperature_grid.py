@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 import diverse
-from diverse.calibration import temperature_nll
-from diverse.data import denormalize, load_dataset
+from diverse.data.datasets import denormalize, load_dataset
+from diverse.math.calibration import temperature_nll
 
 
 def main() -> None:

@@ -47,6 +47,6 @@ fi
 .venv/bin/python -c 'import sys, diverse, torch
 if not torch.__version__.startswith("2.13.0"):
     sys.exit(f"setup: torch {torch.__version__} installed, expected 2.13.0 (CPU)")
-from diverse.laplace_fit import laplace_class
+from diverse.methods.laplace_fit import laplace_class
 laplace_class()  # laplace-torch imports (without torchvision)
 print(f"setup: diverse {diverse.__version__}, torch {torch.__version__}")'

@@ -1,6 +1,6 @@
 """The package tree shows the architecture, and imports run one way.
 
-Layers, lowest first: the shared base (errors, validation, atomic files) ← pure
+Layers, lowest first: the shared base (errors, validation, atomic files, progress) ← pure
 math ← networks and data ← methods ← evaluation ← the application edge. A
 module may import its own layer and the layers below it, never above (imports
 under ``if TYPE_CHECKING:`` are type hints only and do not count).
@@ -15,7 +15,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "diverse"
 RANK = {"base": 0, "math": 1, "nets": 2, "data": 2, "methods": 3, "evaluation": 4, "app": 5}
-BASE = {"errors", "validate", "checkpoint", "__init__"}
+BASE = {"errors", "validate", "checkpoint", "progress", "__init__"}
 
 
 def layer_of(module: str) -> str:

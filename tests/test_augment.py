@@ -1,12 +1,12 @@
-"""Random crop with padding and horizontal flip (diverse.augment) and augmented training."""
+"""Random crop with padding and horizontal flip (diverse.data.augment) and augmented training."""
 
 import pytest
 import torch
 
-from diverse.augment import crop_and_flip
-from diverse.config import load_config
+from diverse.app.config import load_config
+from diverse.app.train import build_run, train
+from diverse.data.augment import crop_and_flip
 from diverse.errors import UserError
-from diverse.train import build_run, train
 
 
 def test_crops_are_windows_of_the_padded_image_and_flips_mirror_them():

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from diverse.cli import main
+from diverse.app.cli import main
 
 
 def _npz(tmp_path, **arrays):
@@ -97,7 +97,7 @@ def test_evaluate_with_ood_keeps_the_npz_sets_own_ood(tmp_path):
 
 
 def test_relative_data_paths_are_resolved_against_the_config_file(tmp_path, monkeypatch):
-    from diverse.config import load_config
+    from diverse.app.config import load_config
 
     folder = tmp_path / "project"
     folder.mkdir()

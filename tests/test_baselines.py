@@ -12,16 +12,16 @@ from torch.distributions import Normal, kl_divergence
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
-from diverse.config import load_config
-from diverse.data import DataConfig, load_dataset
+from diverse.app.config import load_config
+from diverse.app.train import build_run, predict, predict_run, train
+from diverse.data.datasets import DataConfig, load_dataset
 from diverse.errors import UserError
-from diverse.laplace_fit import LaplaceConfig, fit_laplace, random_names, unflatten_draws
-from diverse.mc_dropout import MCDropout, dropout_targets, masked_weights, to_mc_dropout
-from diverse.methods import Step
-from diverse.models import MLP, LeNet5, LinearModel
-from diverse.sghmc import SGHMCConfig, sample_due, sghmc_step, step_size
-from diverse.swag import SWAGState, swag_collect, swag_sample
-from diverse.train import build_run, predict, predict_run, train
+from diverse.methods.base import Step
+from diverse.methods.laplace_fit import LaplaceConfig, fit_laplace, random_names, unflatten_draws
+from diverse.methods.mc_dropout import MCDropout, dropout_targets, masked_weights, to_mc_dropout
+from diverse.methods.sghmc import SGHMCConfig, sample_due, sghmc_step, step_size
+from diverse.methods.swag import SWAGState, swag_collect, swag_sample
+from diverse.nets.models import MLP, LeNet5, LinearModel
 
 BASE = ["data.name=digits", "data.train_subset=256", "data.test_subset=100", "model.name=mlp",
         "model.hidden=[16]", "model.activation=tanh", "train.epochs=3", "train.batch_size=32",

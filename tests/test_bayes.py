@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Normal, kl_divergence
 
-from diverse.bayes import (
+from diverse.errors import UserError
+from diverse.nets.bayes import (
     MeanFieldConv2d,
     MeanFieldLinear,
     diagonal_w2_squared,
@@ -19,9 +20,8 @@ from diverse.bayes import (
     sigma_of,
     to_mean_field,
 )
-from diverse.ensemble import Ensemble
-from diverse.errors import UserError
-from diverse.models import MLP, CifarResNet, LeNet5
+from diverse.nets.ensemble import Ensemble
+from diverse.nets.models import MLP, CifarResNet, LeNet5
 
 
 def _randomize(layer, rho_low=-2.0, rho_high=0.0, seed=0):

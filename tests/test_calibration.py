@@ -1,4 +1,4 @@
-"""Tests for diverse.calibration: temperature scaling against grid search / scipy, closed
+"""Tests for diverse.math.calibration: temperature scaling against grid search / scipy, closed
 forms, std scaling."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import scipy.optimize
 import scipy.special
 import torch
 
-from diverse import calibration as cal
-from diverse import metrics as mt
+from diverse.math import calibration as cal
+from diverse.math import metrics as mt
 
 
 def t64(x) -> torch.Tensor:

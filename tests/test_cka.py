@@ -1,4 +1,4 @@
-"""Tests for diverse.cka: Gram matrices, centering, HSIC and CKA against float64 NumPy
+"""Tests for diverse.math.cka: Gram matrices, centering, HSIC and CKA against float64 NumPy
 references written with loops and textbook formulas, CKA invariances, the unbiased
 estimator's (lack of) bias, and the unit-sphere embedding used by HE-CKA."""
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from diverse import cka
 from diverse.errors import UserError
+from diverse.math import cka
 
 
 def _randn(*shape: int, seed: int = 0) -> Tensor:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from diverse import metrics
-from diverse.cli import main
+from diverse.app.cli import main
+from diverse.math import metrics
 
 SMALL = ["--set", "data.name=digits", "--set", "data.train_subset=400",
          "--set", 'data.ood=["uniform", "rotated"]', "--set", "model.hidden=[32]",
@@ -141,7 +141,7 @@ def test_regression_run(tmp_path):
 
 
 def test_ensemble_size_curve_ends_at_the_full_ensemble_and_starts_at_member_one():
-    from diverse.evaluate import ensemble_size_curve
+    from diverse.evaluation.evaluate import ensemble_size_curve
 
     torch.manual_seed(0)
     probs = torch.randn(4, 50, 3).softmax(-1)
@@ -172,5 +172,5 @@ def test_written_files_get_the_usual_permissions(tmp_path):
 def test_train_under_torchrun_points_to_the_launcher(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["train", "examples/regression_1d_de.toml", "--out", str(tmp_path / "r")]) == 2
-    assert "diverse.launch" in capsys.readouterr().err
+    assert "diverse.app.launch" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()

@@ -6,9 +6,9 @@ import statistics
 
 import pytest
 
-from diverse.cli import main
-from diverse.compare import _training_part, summary_table
-from diverse.config import config_to_dict, load_config
+from diverse.app.cli import main
+from diverse.app.compare import _training_part, summary_table
+from diverse.app.config import config_to_dict, load_config
 
 CONFIG = """[data]
 name = "digits"

@@ -1,4 +1,4 @@
-"""Tests for diverse.confidence: every score against direct NumPy loops, closed forms, OOD
+"""Tests for diverse.math.confidence: every score against direct NumPy loops, closed forms, OOD
 AUROC / AUPR against scikit-learn."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import scipy.special
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from diverse import confidence as cf
-from diverse import metrics as mt
+from diverse.math import confidence as cf
+from diverse.math import metrics as mt
 
 # ----------------------------------------------------------------------- references
 

@@ -2,15 +2,15 @@
 
 import pytest
 
-from diverse.config import (
+from diverse.app.config import (
     config_from_dict,
     config_to_toml,
     load_config,
     parse_override,
 )
 from diverse.errors import UserError
-from diverse.methods import DeepEnsembleConfig
-from diverse.models import LeNetConfig, MLPConfig
+from diverse.methods.base import DeepEnsembleConfig
+from diverse.nets.models import LeNetConfig, MLPConfig
 
 
 def test_defaults_and_named_sections(tmp_path):

@@ -1,4 +1,4 @@
-"""Corruptions and rotations of diverse.corruptions."""
+"""Corruptions and rotations of diverse.data.corruptions."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diverse.corruptions import (
+from diverse.data.corruptions import (
     CORRUPTIONS,
     RANDOM_CORRUPTIONS,
     SEVERITIES,

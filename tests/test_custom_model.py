@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import diverse
-from diverse.cli import main
+from diverse.app.cli import main
 
 MODULE = '''
 import torch
@@ -69,8 +69,8 @@ def test_a_custom_cnn_trains_evaluates_and_loads(project, tmp_path):
     assert f'search_path = "{project}"' in (out / "config.toml").read_text()
     with np.load(out / "predictions.npz") as npz:
         probs = npz["probs"]
-    from diverse.config import load_config
-    from diverse.data import denormalize, load_dataset
+    from diverse.app.config import load_config
+    from diverse.data.datasets import denormalize, load_dataset
 
     data = load_dataset(load_config(out / "config.toml").data)
     raw = denormalize(data.x_test, data.mean, data.std).numpy()

@@ -1,4 +1,4 @@
-"""Loaders of diverse.data, on tiny files written in the real formats."""
+"""Loaders of diverse.data.datasets, on tiny files written in the real formats."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import scipy.io
 import torch
 
-from diverse.data import (
+from diverse.data.datasets import (
     DATASETS,
     FASHION_MNIST_SYSTEM_DIR,
     DataConfig,
@@ -381,7 +381,7 @@ def test_dataset_ood_from_diverse_data(tmp_path, monkeypatch):
 
 
 def test_denormalize_inverts_normalize():
-    from diverse.data import denormalize, normalize
+    from diverse.data.datasets import denormalize, normalize
 
     x = torch.rand(5, 3, 4, 4)
     mean, std = (0.1, 0.5, 0.9), (0.2, 0.3, 0.4)

@@ -17,12 +17,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from diverse.app.config import config_to_toml, load_config
+from diverse.app.train import build_run, train
 from diverse.checkpoint import load_checkpoint
-from diverse.config import config_to_toml, load_config
-from diverse.data import load_dataset
-from diverse.distributed import Comm, gather_tensors, shard_tensors
+from diverse.data.datasets import load_dataset
 from diverse.errors import UserError
-from diverse.train import build_run, train
+from diverse.nets.distributed import Comm, gather_tensors, shard_tensors
 
 BASE = ["data.name=digits", "data.train_subset=96", "data.test_subset=64", "model.name=mlp",
         "model.hidden=[12]", "ensemble.members=4", "ensemble.execution=vmap", "train.epochs=2",
@@ -79,7 +79,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-LAUNCHED = "wgd"  # the case also trained by `torchrun -m diverse.launch` (into root/launch)
+LAUNCHED = "wgd"  # the case also trained by `torchrun -m diverse.app.launch` (into root/launch)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def runs(tmp_path_factory):
     config_file.write_text(config_to_toml(config(LAUNCHED)))
     launch = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         "-m", "diverse.launch", str(config_file), "--out", str(root / "launch"), "--quiet"],
+         "-m", "diverse.app.launch", str(config_file), "--out", str(root / "launch"), "--quiet"],
         env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True)
     try:

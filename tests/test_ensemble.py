@@ -6,15 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from diverse.ensemble import (
+from diverse.errors import UserError
+from diverse.nets.ensemble import (
     Ensemble,
     flatten_params,
     init_members,
     pull_back,
     unflatten_params,
 )
-from diverse.errors import UserError
-from diverse.models import LeNetConfig, MLPConfig, ResNetConfig, build_model
+from diverse.nets.models import LeNetConfig, MLPConfig, ResNetConfig, build_model
 
 CASES = {
     "mlp": (lambda: build_model(MLPConfig(hidden=(16, 8)), (1, 6, 6), 3), (1, 6, 6)),

@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from diverse import he_cka as he
-from diverse.cka import unit_grams
-from diverse.config import load_config
-from diverse.ensemble import flatten_params
+from diverse.app.config import load_config
+from diverse.app.train import build_run, predict_run
 from diverse.errors import UserError
-from diverse.feature_repulsion import HECKAConfig, energy_matrix, mean_softmax_entropy
-from diverse.methods import Step
-from diverse.train import build_run, predict_run
+from diverse.math import he_cka as he
+from diverse.math.cka import unit_grams
+from diverse.methods.base import Step
+from diverse.methods.feature_repulsion import HECKAConfig, energy_matrix, mean_softmax_entropy
+from diverse.nets.ensemble import flatten_params
 
 BASE = ["data.name=digits", "data.train_subset=256", "data.test_subset=100",
         "model.name=mlp", "model.hidden=[16, 12]", "model.activation=tanh",
@@ -189,10 +189,10 @@ def test_a_trained_hypernetwork_evaluates_with_any_number_of_members(tmp_path):
 
     import numpy as np
 
-    from diverse import metrics
-    from diverse.cli import main
-    from diverse.config import replace
-    from diverse.train import load_trained
+    from diverse.app.cli import main
+    from diverse.app.config import replace
+    from diverse.app.train import load_trained
+    from diverse.math import metrics
 
     run_dir = tmp_path / "hyper"
     sets = [s for b in BASE for s in ("--set", b)]
@@ -223,7 +223,7 @@ def test_a_trained_hypernetwork_evaluates_with_any_number_of_members(tmp_path):
 
 
 def test_predict_members_is_refused_for_runs_that_do_not_generate_members(tmp_path, capsys):
-    from diverse.cli import main
+    from diverse.app.cli import main
 
     run_dir = tmp_path / "de"
     sets = [s for b in BASE for s in ("--set", b)]

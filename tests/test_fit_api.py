@@ -16,11 +16,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import diverse
+from diverse.app.loop import Callback, TensorBatches
+from diverse.app.train import predict_trained
 from diverse.errors import UserError
-from diverse.likelihoods import Categorical
-from diverse.loop import Callback, TensorBatches
-from diverse.spaces import pca_lengthscales, pca_lengthscales_from_batches
-from diverse.train import predict_trained
+from diverse.methods.spaces import pca_lengthscales, pca_lengthscales_from_batches
+from diverse.nets.likelihoods import Categorical
 
 N, CLASSES = 48, 3
 
@@ -33,7 +33,7 @@ def images() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def sequential() -> nn.Module:
-    """A user's module that is not in diverse.models (no feature_layers)."""
+    """A user's module that is not in diverse.nets.models (no feature_layers)."""
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 12), nn.Tanh(), nn.Linear(12, CLASSES))
 
 

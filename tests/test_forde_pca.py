@@ -14,15 +14,15 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from diverse.config import load_config
-from diverse.data import DataConfig, Dataset, load_dataset
-from diverse.ensemble import Ensemble
+from diverse.app.config import load_config
+from diverse.data.datasets import DataConfig, Dataset, load_dataset
 from diverse.errors import UserError
-from diverse.forde import FoRDEConfig, build_forde
-from diverse.likelihoods import Categorical
-from diverse.methods import Step, TrainingData
-from diverse.models import MLPConfig, build_model
-from diverse.spaces import pca_lengthscales
+from diverse.methods.base import Step, TrainingData
+from diverse.methods.forde import FoRDEConfig, build_forde
+from diverse.methods.spaces import pca_lengthscales
+from diverse.nets.ensemble import Ensemble
+from diverse.nets.likelihoods import Categorical
+from diverse.nets.models import MLPConfig, build_model
 
 TOL = 1e-10
 SHAPE = (1, 6, 6)

@@ -1,4 +1,4 @@
-"""Tests for diverse.he_cka: energies and geodesics against hand computations, HE-CKA on
+"""Tests for diverse.math.he_cka: energies and geodesics against hand computations, HE-CKA on
 cases whose CKA is known in closed form, layer weights and warm-up, autograd against
 finite differences, and the paper's key property: the gradient of HE-CKA stays large
 where the gradient of 1 − CKA vanishes (nearly identical members)."""
@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from diverse import cka, he_cka
 from diverse.errors import UserError
+from diverse.math import cka, he_cka
 
 
 def _randn(*shape: int, seed: int = 0) -> Tensor:

@@ -1,14 +1,14 @@
-"""Full-batch HMC (diverse.hmc) and the chain diagnostics (diverse.mcmc)."""
+"""Full-batch HMC (diverse.methods.hmc) and the chain diagnostics (diverse.math.mcmc)."""
 
 import numpy as np
 import pytest
 import torch
 
-from diverse.config import load_config
+from diverse.app.config import load_config
+from diverse.app.train import build_run, train
 from diverse.errors import UserError
-from diverse.mcmc import effective_sample_size, split_rhat
-from diverse.samples import base_model, flatten
-from diverse.train import build_run, train
+from diverse.math.mcmc import effective_sample_size, split_rhat
+from diverse.nets.samples import base_model, flatten
 from test_particles import NOISE, PRIOR, linear_regression, particle_weights
 
 

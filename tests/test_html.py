@@ -3,7 +3,7 @@
 import base64
 import re
 
-from diverse.html import markdown_to_html
+from diverse.evaluation.html import markdown_to_html
 
 PNG = base64.b64decode(  # a 1×1 PNG
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")

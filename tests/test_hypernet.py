@@ -10,8 +10,8 @@ from torch import nn
 from torch.func import functional_call
 
 from diverse.errors import UserError
-from diverse.hypernet import ChunkedGenerator, HyperNetConfig, HyperNetwork, LinearGenerator
-from diverse.models import LeNetConfig, MLPConfig, ResNetConfig, build_model
+from diverse.nets.hypernet import ChunkedGenerator, HyperNetConfig, HyperNetwork, LinearGenerator
+from diverse.nets.models import LeNetConfig, MLPConfig, ResNetConfig, build_model
 
 SMALL = HyperNetConfig(z_dim=8, hidden=32, code_dim=8, train_members=3, predict_members=4)
 

@@ -1,4 +1,4 @@
-"""Tests for diverse.kernels: closed-form gradients against autograd, matrix-product
+"""Tests for diverse.math.kernels: closed-form gradients against autograd, matrix-product
 sums against the materialized tensors, bandwidth heuristics against hand computations."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from diverse import kernels as kn
+from diverse.math import kernels as kn
 
 KernelFn = Callable[..., tuple[Tensor, Tensor]]
 
@@ -238,7 +238,7 @@ def test_unknown_kernel_name() -> None:
 
 
 def test_median_heuristics_never_return_zero_for_two_or_coinciding_particles():
-    from diverse.kernels import median_heuristic, median_heuristic_rde, median_heuristic_stein
+    from diverse.math.kernels import median_heuristic, median_heuristic_rde, median_heuristic_stein
 
     two = torch.tensor([[0.0, 0.0], [3.0, 4.0]], dtype=torch.float64)  # d² = 25
     sq = kn.sq_dists(two)

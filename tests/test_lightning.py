@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import diverse
 
 L = pytest.importorskip("lightning")
-from diverse.lightning import DiverseModule  # noqa: E402
+from diverse.app.lightning import DiverseModule  # noqa: E402
 
 N, CLASSES = 60, 3
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from diverse.errors import UserError
-from diverse.likelihoods import Categorical, Gaussian, LikelihoodConfig, build_likelihood
+from diverse.nets.likelihoods import Categorical, Gaussian, LikelihoodConfig, build_likelihood
 
 
 def test_categorical_nll_is_cross_entropy_per_member():

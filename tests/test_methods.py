@@ -4,12 +4,12 @@ seed, vmap equals loop, and an interrupted run resumes to the same parameters.""
 import pytest
 import torch
 
-from diverse.annealing import anneal
-from diverse.catalog import METHODS
-from diverse.config import load_config
+from diverse.app.config import load_config
+from diverse.app.train import build_run, train
 from diverse.errors import UserError
-from diverse.methods import Step
-from diverse.train import build_run, train
+from diverse.math.annealing import anneal
+from diverse.methods.base import Step
+from diverse.methods.catalog import METHODS
 
 METHOD_SETTINGS = {
     "de": [],

@@ -9,7 +9,7 @@ import torch
 from scipy.spatial.distance import pdist
 
 from diverse.errors import UserError
-from diverse.mmd import bandwidth_grid, mmd, mmd2_unbiased, mmd_null_spread, pooled_distances
+from diverse.math.mmd import bandwidth_grid, mmd, mmd2_unbiased, mmd_null_spread, pooled_distances
 
 
 def _gaussians(seed, n, m, d, shift=0.0):

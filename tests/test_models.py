@@ -1,4 +1,4 @@
-"""Tests for diverse.models: shapes, exact parameter counts, vmap == loop, dropout, norms."""
+"""Tests for diverse.nets.models: shapes, exact parameter counts, vmap == loop, dropout, norms."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from diverse.errors import UserError
-from diverse.models import (
+from diverse.nets.models import (
     MODELS,
     LeNetConfig,
     LinearConfig,

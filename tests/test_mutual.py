@@ -11,13 +11,9 @@ import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 from torch.func import functional_call
 
-from diverse.bayes import MeanFieldLinear, to_mean_field
-from diverse.ensemble import Ensemble
 from diverse.errors import UserError
-from diverse.likelihoods import Categorical
-from diverse.methods import Step
-from diverse.models import MLP, CifarResNet, LeNet5
-from diverse.mutual import (
+from diverse.methods.base import Step
+from diverse.methods.mutual import (
     HEAD,
     MutualBNNConfig,
     build_mutual_bnn,
@@ -27,6 +23,10 @@ from diverse.mutual import (
     off_diagonal_mean,
     wrap_mutual_peer,
 )
+from diverse.nets.bayes import MeanFieldLinear, to_mean_field
+from diverse.nets.ensemble import Ensemble
+from diverse.nets.likelihoods import Categorical
+from diverse.nets.models import MLP, CifarResNet, LeNet5
 
 
 # ------------------------------------------------------------------ config

@@ -1,4 +1,4 @@
-"""OOD sets of diverse.ood."""
+"""OOD sets of diverse.data.ood."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from diverse.data import DataConfig, load_dataset
+from diverse.data.datasets import DataConfig, load_dataset
+from diverse.data.ood import DEFAULT_OOD, OOD_NAMES, build_ood, digits_images, resize_images
 from diverse.errors import UserError
-from diverse.ood import DEFAULT_OOD, OOD_NAMES, build_ood, digits_images, resize_images
 
 
 def _no_load(name: str) -> torch.Tensor:

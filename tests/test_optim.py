@@ -5,13 +5,13 @@ import math
 import pytest
 import torch
 
-from diverse.errors import UserError
-from diverse.optim import (
+from diverse.app.optim import (
     build_optimizer,
     load_optimizer_tensors,
     optimizer_tensors,
     schedule_factor,
 )
+from diverse.errors import UserError
 
 SETTINGS = [("sgd", {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-3}),
             ("sgd", {"momentum": 0.0}), ("adam", {}), ("adamw", {"weight_decay": 0.1})]

@@ -1,4 +1,4 @@
-"""Synthetic outliers of diverse.outliers (HE-CKA's outlier generator)."""
+"""Synthetic outliers of diverse.data.outliers (HE-CKA's outlier generator)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,8 @@ import scipy.stats  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from diverse import outliers as O  # noqa: E402
-from diverse.errors import UserError  # noqa: E402
-from diverse.outliers import (  # noqa: E402
+from diverse.data import outliers as O  # noqa: E402
+from diverse.data.outliers import (  # noqa: E402
     PATTERNS,
     OutlierConfig,
     generated_patterns,
@@ -26,6 +25,7 @@ from diverse.outliers import (  # noqa: E402
     outliers_with_sources,
     synthetic_outliers,
 )
+from diverse.errors import UserError  # noqa: E402
 
 SHAPES = [(1, 28), (3, 32)]
 #: Every post-transform and every optional source transform switched off.

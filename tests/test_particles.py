@@ -5,22 +5,22 @@ import math
 import pytest
 import torch
 
-from diverse.config import load_config
-from diverse.data import Dataset
-from diverse.ensemble import Ensemble
+from diverse.app.config import load_config
+from diverse.app.train import build_run, train
+from diverse.data.datasets import Dataset
 from diverse.errors import UserError
-from diverse.forde import forde_repulsion
-from diverse.likelihoods import Categorical
-from diverse.methods import DeepEnsembleConfig, Step, deep_ensemble
-from diverse.particles import (
+from diverse.methods.base import DeepEnsembleConfig, Step, deep_ensemble
+from diverse.methods.forde import forde_repulsion
+from diverse.methods.particles import (
     SVGDConfig,
     WGDConfig,
     function_space,
     svgd_direction,
     wgd_direction,
 )
-from diverse.spaces import input_gradients, pca_lengthscales
-from diverse.train import build_run, train
+from diverse.methods.spaces import input_gradients, pca_lengthscales
+from diverse.nets.ensemble import Ensemble
+from diverse.nets.likelihoods import Categorical
 
 NOISE, PRIOR = 0.5, 1.0
 
@@ -115,7 +115,7 @@ def test_particles_cover_both_modes_of_a_two_mode_target(direction):
 
 def test_function_space_driving_term_pulls_back_to_the_deep_ensemble_gradient():
     torch.manual_seed(0)
-    from diverse.models import MLPConfig, build_model
+    from diverse.nets.models import MLPConfig, build_model
 
     ens = Ensemble(lambda: build_model(MLPConfig(hidden=(8,)), (5,), 3), 4, seed=0)
     x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
@@ -169,7 +169,7 @@ def test_forde_repulsion_gradient_is_a_kde_score_in_input_gradient_space():
 
 def test_input_gradients_are_each_members_own():
     torch.manual_seed(0)
-    from diverse.models import MLPConfig, build_model
+    from diverse.nets.models import MLPConfig, build_model
 
     ens = Ensemble(lambda: build_model(MLPConfig(hidden=(8,), activation="tanh"), (5,), 3), 3)
     x, y = torch.randn(4, 5), torch.tensor([0, 2, 1, 1])
@@ -195,8 +195,8 @@ def test_pca_lengthscales_whiten_the_covariance():
 
 def test_fgsm_inputs_and_their_likelihood_term():
     torch.manual_seed(0)
-    from diverse.models import MLPConfig, build_model
-    from diverse.particles import adversarial_nll, fgsm_inputs
+    from diverse.methods.particles import adversarial_nll, fgsm_inputs
+    from diverse.nets.models import MLPConfig, build_model
 
     ens = Ensemble(lambda: build_model(MLPConfig(hidden=(8,)), (5,), 3), 2, seed=0)
     x, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 0])

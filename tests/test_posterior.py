@@ -5,16 +5,16 @@ import csv
 import pytest
 import torch
 
-from diverse.cli import main
-from diverse.errors import UserError
-from diverse.posterior import (
+from diverse.app.cli import main
+from diverse.app.posterior import (
     load_posterior_config,
     mmd_value,
     posterior_config,
     run_specs,
     summarize,
 )
-from diverse.samples import base_model, flatten, load_samples
+from diverse.errors import UserError
+from diverse.nets.samples import base_model, flatten, load_samples
 
 TINY = """
 [study]
@@ -63,8 +63,8 @@ def test_tiny_study_writes_its_table_plots_and_html_and_reuses_runs(tmp_path, ca
     pc = load_posterior_config(config)
     cfg = run_specs(pc)[1].cfg
     run_samples, _ = load_samples(out / "runs" / "swag-single-seed0")
-    from diverse.data import load_dataset
-    from diverse.likelihoods import build_likelihood
+    from diverse.data.datasets import load_dataset
+    from diverse.nets.likelihoods import build_likelihood
 
     skeleton = base_model(cfg, load_dataset(cfg.data), build_likelihood(cfg.likelihood))
     assert float(rows[1]["mmd"]) == pytest.approx(
@@ -155,8 +155,8 @@ def test_study_with_an_hmc_reference_and_hmc_as_a_method(tmp_path):
     assert hmc_ref.count == 12 and manifest["method"] == "hmc" and hmc_ref.members == 2
     pc = load_posterior_config(config)
     cfg = run_specs(pc)[0].cfg
-    from diverse.data import load_dataset
-    from diverse.likelihoods import build_likelihood
+    from diverse.data.datasets import load_dataset
+    from diverse.nets.likelihoods import build_likelihood
 
     skeleton = base_model(cfg, load_dataset(cfg.data), build_likelihood(cfg.likelihood))
     de, _ = load_samples(out / "runs" / "de-multi-seed0")

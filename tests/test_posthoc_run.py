@@ -10,20 +10,20 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 import diverse
-from diverse import calibration, confidence, metrics
-from diverse.cli import main
-from diverse.compare import flat_row, main_column
-from diverse.config import load_config
-from diverse.data import (
+from diverse.app.cli import main
+from diverse.app.compare import flat_row, main_column
+from diverse.app.config import load_config
+from diverse.data.datasets import (
     DataConfig,
     channel_stats,
     denormalize,
     load_dataset,
     validation_split,
 )
+from diverse.data.ood import ood_group
 from diverse.errors import UserError
-from diverse.ood import ood_group
-from diverse.posthoc import load_calibration, ood_figures
+from diverse.evaluation.posthoc import load_calibration, ood_figures
+from diverse.math import calibration, confidence, metrics
 
 SMALL = ["--set", "data.name=digits", "--set", 'data.ood=["uniform", "rotated"]',
          "--set", "model.hidden=[32]", "--set", "ensemble.members=3",

@@ -6,14 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from diverse import precision
-from diverse.config import load_config
-from diverse.data import load_dataset
-from diverse.ensemble import Ensemble, flatten_params
+from diverse.app.config import load_config
+from diverse.app.train import build_run, train
+from diverse.data.datasets import load_dataset
 from diverse.errors import UserError
-from diverse.methods import Step
-from diverse.models import MLPConfig, build_model
-from diverse.train import build_run, train
+from diverse.methods.base import Step
+from diverse.nets import precision
+from diverse.nets.ensemble import Ensemble, flatten_params
+from diverse.nets.models import MLPConfig, build_model
 
 BASE = ["data.name=digits", "data.train_subset=64", "data.test_subset=32", "model.name=mlp",
         "model.hidden=[12]", "ensemble.members=3", "ensemble.execution=vmap", "train.epochs=1",

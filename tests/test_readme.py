@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from diverse.cli import main
+from diverse.app.cli import main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -33,9 +33,9 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
         exec(compile(block, str(README), "exec"), namespace)  # noqa: S102
         spaces.append(namespace)
     # the Library walk-through: trained, checkpointed, loaded, predicting as in process
-    from diverse import metrics
-    from diverse.likelihoods import Categorical
-    from diverse.train import predict_trained
+    from diverse.app.train import predict_trained
+    from diverse.math import metrics
+    from diverse.nets.likelihoods import Categorical
 
     walk = next(ns for ns in spaces if "make_net" in ns)
     assert walk["probs"].shape == (5, 297, 10)
@@ -44,7 +44,7 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
                            walk["x"][1500:])["probs"]
     assert torch.equal(walk["probs"], here)
     # the load example's results: the stored temperature applied to the same predictions
-    from diverse.calibration import apply_temperature
+    from diverse.math.calibration import apply_temperature
 
     run, pred = namespace["run"], namespace["pred"]
     expected = apply_temperature(run.calibration.temperature["pooled"], "pooled",

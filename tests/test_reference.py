@@ -1,11 +1,11 @@
-"""Distance to a reference posterior (diverse.reference) against closed forms."""
+"""Distance to a reference posterior (diverse.evaluation.reference) against closed forms."""
 
 import math
 
 import numpy as np
 import torch
 
-from diverse.reference import distance_table, input_regions, mixture_nll, wasserstein2_1d
+from diverse.evaluation.reference import distance_table, input_regions, mixture_nll, wasserstein2_1d
 
 
 def _w2_by_quantile_grid(a, b, grid=200_000):

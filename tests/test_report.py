@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from diverse import metrics
-from diverse.cka import cka_matrix
-from diverse.config import config_to_toml, load_config
-from diverse.data import denormalize, normalize
-from diverse.evaluate import (
+from diverse.app.config import config_to_toml, load_config
+from diverse.app.train import build_run, predict_run
+from diverse.data.datasets import denormalize, normalize
+from diverse.evaluation.evaluate import (
     accuracy_vs_confidence,
     disagreement_extremes,
     evaluate,
@@ -21,8 +20,9 @@ from diverse.evaluate import (
     member_probs,
     write_evaluation,
 )
-from diverse.report import ensemble_sizes, write_comparison_report, write_report
-from diverse.train import build_run, predict_run
+from diverse.evaluation.report import ensemble_sizes, write_comparison_report, write_report
+from diverse.math import metrics
+from diverse.math.cka import cka_matrix
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

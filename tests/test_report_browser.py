@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diverse.cli import main
+from diverse.app.cli import main
 
 pytestmark = pytest.mark.browser
 

@@ -7,13 +7,14 @@ import pytest
 import torch
 from torch import nn
 
+from diverse.app.config import load_config
+from diverse.app.train import build_run, load_trained, predict_run, train
 from diverse.checkpoint import sha256
-from diverse.config import load_config
-from diverse.ensemble import Ensemble
 from diverse.errors import UserError
-from diverse.evaluate import evaluate
-from diverse.likelihoods import Categorical
-from diverse.samples import (
+from diverse.evaluation.evaluate import evaluate
+from diverse.nets.ensemble import Ensemble
+from diverse.nets.likelihoods import Categorical
+from diverse.nets.samples import (
     Samples,
     check_params,
     collect_members,
@@ -23,7 +24,6 @@ from diverse.samples import (
     save_samples,
     stack_draws,
 )
-from diverse.train import build_run, load_trained, predict_run, train
 
 
 def small_net():

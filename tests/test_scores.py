@@ -1,4 +1,4 @@
-"""Tests for diverse.scores: every estimator against the exact score of Gaussians.
+"""Tests for diverse.math.scores: every estimator against the exact score of Gaussians.
 
 Settings used below (and why):
 
@@ -6,7 +6,7 @@ Settings used below (and why):
   (the RDE code's). A wide bandwidth over-smooths it: with ``h = 2 med(d²)`` its
   relative error is ~1.5.
 * SGE/SSGE with the Stein codes' bandwidth ``h = 2 med(d²)``
-  (:func:`diverse.kernels.median_heuristic_stein`) and ``η = 1`` (SGE; the value of
+  (:func:`diverse.math.kernels.median_heuristic_stein`) and ``η = 1`` (SGE; the value of
   Shi et al.'s toy) or ``η = 0.1`` (SSGE). With the RDE code's defaults (narrow
   bandwidth, ``η = 0.01``) they are far noisier than the KDE —
   :func:`test_rde_defaults_make_stein_estimators_noisy` pins that down.
@@ -24,8 +24,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from diverse import kernels as kn
-from diverse import scores as sc
+from diverse.math import kernels as kn
+from diverse.math import scores as sc
 
 STEIN_H = kn.median_heuristic_stein
 

@@ -1,4 +1,4 @@
-"""Tests for diverse.selective: risk-coverage curves against direct loops, closed forms, ties."""
+"""diverse.math.selective: risk-coverage curves against direct loops, closed forms, ties."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from diverse import selective as sel
+from diverse.math import selective as sel
 
 # ----------------------------------------------------------------------- references
 

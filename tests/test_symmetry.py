@@ -8,10 +8,10 @@ from scipy.optimize import minimize
 from torch import nn
 from torch.func import functional_call
 
-from diverse.ensemble import init_members
 from diverse.errors import UserError
-from diverse.models import LeNetConfig, MLPConfig, ResNetConfig, build_model
-from diverse.symmetry import (
+from diverse.nets.ensemble import init_members
+from diverse.nets.models import LeNetConfig, MLPConfig, ResNetConfig, build_model
+from diverse.nets.symmetry import (
     apply_permutations,
     canonical_permutation,
     canonical_scaling,

@@ -1,4 +1,4 @@
-"""Toy datasets of diverse.toys, through the registry and directly."""
+"""Toy datasets of diverse.data.toys, through the registry and directly."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from diverse.data import DataConfig, load_dataset
-from diverse.toys import TOYS, blobs, four_quadrants, regression_1d, two_moons
+from diverse.data.datasets import DataConfig, load_dataset
+from diverse.data.toys import TOYS, blobs, four_quadrants, regression_1d, two_moons
 
 
 @pytest.mark.parametrize("name", list(TOYS))

@@ -5,11 +5,11 @@ import sys
 
 import pytest
 
-from diverse.cli import main
-from diverse.config import config_to_dict, load_config
+from diverse.app.cli import main
+from diverse.app.config import config_to_dict, load_config
+from diverse.app.tracking import LoggingConfig, check_backend, flat_params, metric_values
+from diverse.app.train import build_run, train
 from diverse.errors import UserError
-from diverse.tracking import LoggingConfig, check_backend, flat_params, metric_values
-from diverse.train import build_run, train
 
 TINY = ["data.name=blobs", "data.n_train=96", "model.hidden=[8]", "ensemble.members=2",
         "ensemble.execution=vmap", "train.epochs=3", "train.batch_size=32", "train.lr=0.01",

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from diverse.app.config import load_config
+from diverse.app.train import build_run, train
 from diverse.checkpoint import load_checkpoint
-from diverse.config import load_config
 from diverse.errors import DivergenceError
-from diverse.methods import Step
-from diverse.train import build_run, train
+from diverse.methods.base import Step
 
 BASE = ["data.name=digits", "data.train_subset=300", "model.name=mlp", "model.hidden=[32]",
         "model.dropout=0.2", "ensemble.members=3", "train.epochs=3", "train.batch_size=64",
@@ -74,6 +74,30 @@ def test_resume_after_interruption_mid_epoch_is_bit_exact(tmp_path, execution):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("method", ["de", "swag"])
+def test_step_checkpoints_resume_mid_epoch_at_the_next_batch(tmp_path, method):
+    extra = ["train.checkpoint_every_steps=2", f"method.name={method}",
+             *(["method.swa_frequency=1"] if method == "swag" else [])]
+    full = make_run(*extra)
+    full_history = train(full, tmp_path / "full", show_progress=False)
+
+    def crash(step):
+        if step == 8:  # epoch 2 of 5-step epochs, after the step-6 checkpoint
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(make_run(*extra), tmp_path / "cut", show_progress=False, on_step=crash)
+    manifest = load_checkpoint(tmp_path / "cut")[2]
+    assert (manifest["epoch"], manifest["epoch_step"], manifest["step"]) == (1, 1, 6)
+    resumed = make_run(*extra)
+    history = train(resumed, tmp_path / "cut", resume=True, show_progress=False)
+    expected, got = final_state(full), final_state(resumed)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    drop = ("seconds",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in history] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in full_history]
+
+
 def test_same_seed_same_parameters_other_seed_differs(tmp_path):
     runs = [make_run("train.epochs=1"), make_run("train.epochs=1"),
             make_run("train.epochs=1", "train.seed=1")]
@@ -125,7 +149,7 @@ def test_kill_9_mid_epoch_then_cli_resume_matches_uninterrupted_run(tmp_path):
                    '[ensemble]\nmembers = 4\nexecution = "loop"\n'
                    '[train]\nepochs = 30\nbatch_size = 32\nlr = 0.003\neval_every = 0\n')
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    cli = [sys.executable, "-m", "diverse.cli"]
+    cli = [sys.executable, "-m", "diverse.app.cli"]
     subprocess.run([*cli, "train", str(cfg), "--out", str(tmp_path / "full"), "--quiet"],
                    check=True, env=env, timeout=300)
     proc = subprocess.Popen([*cli, "train", str(cfg), "--out", str(tmp_path / "cut"), "--quiet"],
@@ -163,7 +187,7 @@ def test_non_finite_update_with_finite_loss_also_stops(tmp_path):
 
 
 def test_repulsion_warning_threshold():
-    from diverse.train import repulsion_warning
+    from diverse.app.train import repulsion_warning
 
     assert repulsion_warning({"diag_driving_over_repulsion": 999.0}) is None
     assert repulsion_warning({"train_loss": 1.0}) is None  # no interaction term
@@ -174,7 +198,7 @@ def test_repulsion_warning_threshold():
 def test_weak_repulsion_is_warned_about_in_history_stderr_and_report(tmp_path, capsys):
     import json
 
-    from diverse.cli import main
+    from diverse.app.cli import main
 
     config = tmp_path / "svgd.toml"
     config.write_text('[data]\nname = "digits"\ntrain_subset = 400\n[model]\nhidden = [16]\n'

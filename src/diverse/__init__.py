@@ -15,9 +15,9 @@ The public API (loaded lazily, so ``import diverse`` stays cheap):
   :class:`TrainConfig`, :class:`Callback` hooks, checkpoints and exact resume;
 * prediction: :func:`load` (a run directory → :class:`Predictor`:
   ``predict(x)``, ``predict_set(x, alpha)``), :func:`predict`;
-* :mod:`diverse.metrics`, :mod:`diverse.calibration`, :mod:`diverse.conformal`,
-  :mod:`diverse.selective`, :mod:`diverse.confidence` (pure functions of tensors);
-* :mod:`diverse.lightning` (``pip install 'diverse[lightning]'``): a
+* :mod:`diverse.math.metrics`, :mod:`diverse.math.calibration`, :mod:`diverse.math.conformal`,
+  :mod:`diverse.math.selective`, :mod:`diverse.math.confidence` (pure functions of tensors);
+* :mod:`diverse.app.lightning` (``pip install 'diverse[lightning]'``): a
   ``LightningModule`` for Lightning's ``Trainer``.
 """
 
@@ -26,21 +26,34 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load": "diverse.predictor", "Predictor": "diverse.predictor",
-    "Prediction": "diverse.predictor",
-    "fit": "diverse.loop", "FitResult": "diverse.loop", "Callback": "diverse.loop",
-    "TensorBatches": "diverse.loop", "predict": "diverse.prediction",
-    "Ensemble": "diverse.ensemble",
-    "Method": "diverse.catalog", "build_method": "diverse.catalog", "METHODS": "diverse.catalog",
-    "TrainingData": "diverse.methods", "DeepEnsembleConfig": "diverse.methods",
-    "TrainConfig": "diverse.config",
-    "SVGDConfig": "diverse.particles", "WGDConfig": "diverse.particles",
-    "FoRDEConfig": "diverse.forde",
-    "HECKAConfig": "diverse.feature_repulsion", "SVGDCKAConfig": "diverse.feature_repulsion",
-    "HyperHECKAConfig": "diverse.feature_repulsion",
-    "MutualBNNConfig": "diverse.mutual", "MCDropoutConfig": "diverse.mc_dropout",
-    "VIConfig": "diverse.vi", "SWAGConfig": "diverse.swag", "SGHMCConfig": "diverse.sghmc",
-    "LaplaceConfig": "diverse.laplace_fit", "HMCConfig": "diverse.hmc",
+    "load": "diverse.app.predictor",
+    "Predictor": "diverse.app.predictor",
+    "Prediction": "diverse.app.predictor",
+    "fit": "diverse.app.loop",
+    "FitResult": "diverse.app.loop",
+    "Callback": "diverse.app.loop",
+    "TensorBatches": "diverse.app.loop",
+    "predict": "diverse.evaluation.prediction",
+    "Ensemble": "diverse.nets.ensemble",
+    "Method": "diverse.methods.catalog",
+    "build_method": "diverse.methods.catalog",
+    "METHODS": "diverse.methods.catalog",
+    "TrainingData": "diverse.methods.base",
+    "DeepEnsembleConfig": "diverse.methods.base",
+    "TrainConfig": "diverse.app.config",
+    "SVGDConfig": "diverse.methods.particles",
+    "WGDConfig": "diverse.methods.particles",
+    "FoRDEConfig": "diverse.methods.forde",
+    "HECKAConfig": "diverse.methods.feature_repulsion",
+    "SVGDCKAConfig": "diverse.methods.feature_repulsion",
+    "HyperHECKAConfig": "diverse.methods.feature_repulsion",
+    "MutualBNNConfig": "diverse.methods.mutual",
+    "MCDropoutConfig": "diverse.methods.mc_dropout",
+    "VIConfig": "diverse.methods.vi",
+    "SWAGConfig": "diverse.methods.swag",
+    "SGHMCConfig": "diverse.methods.sghmc",
+    "LaplaceConfig": "diverse.methods.laplace_fit",
+    "HMCConfig": "diverse.methods.hmc",
 }
 __all__ = sorted([*_LAZY, "__version__"])
 

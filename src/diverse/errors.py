@@ -1,7 +1,7 @@
 """Errors a user can fix.
 
 Every :class:`UserError` reaches the command line as one line on stderr and
-exit code 2 (see :mod:`diverse.cli`). Its message names the offending value
+exit code 2 (see :mod:`diverse.app.cli`). Its message names the offending value
 and what is allowed.
 """
 

@@ -1,0 +1,581 @@
+"""The one training loop, :func:`diverse.fit`, over any iterable of ``(x, y)`` batches.
+
+The CLI (:func:`diverse.app.train.train`) and Python users run the same loop. It
+takes an :class:`~diverse.nets.ensemble.Ensemble` of the user's module (made by
+:meth:`diverse.methods.catalog.Method.ensemble`), a :class:`~diverse.methods.catalog.Method`, and
+the training batches: a ``torch.utils.data.DataLoader`` with the user's own
+dataset, transforms, augmentation, workers and sampler, or
+:class:`TensorBatches` (in-memory tensors, the CLI's path). One step: move the
+batch to the ensemble's device, let the method compute the gradient of its
+objective on the stacked parameters (or move them itself: a sampler returns
+``grads = None``), set the scheduled learning rate and take one optimizer step
+for all members at once.
+
+Determinism and exact resume. Every epoch reseeds the global generator (dropout
+masks, transforms in the main process, a sampler without its own generator)
+from ``(seed, epoch)``, and the loader's generator — the DataLoader's, its
+sampler's, or :class:`TensorBatches`' — from the same seed, so the order and
+the worker seeds (drawn from it at ``iter()``) repeat. Checkpoints are written
+atomically after every ``checkpoint_every`` epochs and, with
+``checkpoint_every_steps = K``, every K steps; a step checkpoint also holds the
+global RNG state and the epoch's running sums. Resuming mid-epoch reseeds the
+epoch, skips the consumed batches by drawing them (so a loader's own random
+state advances exactly as it did), restores the RNG state and goes on: on CPU
+the parameters reach those of an uninterrupted run bit for bit. (With
+``persistent_workers = True`` the workers are seeded once per loader, not per
+epoch: an exact resume then needs ``persistent_workers = False``.)
+
+Nothing assumes the training set on the device or in memory: only the current
+batch is moved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from diverse.app.config import TrainConfig
+from diverse.app.optim import (
+    build_optimizer,
+    load_optimizer_tensors,
+    optimizer_tensors,
+    schedule_factor,
+)
+from diverse.app.tracking import NullTracker
+from diverse.checkpoint import load_checkpoint, save_checkpoint
+from diverse.data.augment import crop_and_flip
+from diverse.errors import DivergenceError, UserError
+from diverse.evaluation.prediction import predict
+from diverse.math import metrics
+from diverse.methods.base import Finish, Step, StepResult
+from diverse.methods.catalog import Method, check_training
+from diverse.nets import distributed
+from diverse.nets.distributed import SINGLE, Comm
+from diverse.nets.ensemble import Ensemble
+from diverse.nets.likelihoods import Likelihood, LikelihoodConfig, build_likelihood
+from diverse.nets.samples import Samples, save_samples
+from diverse.progress import Progress
+
+PROGRESS_LOGS = ("driving_over_repulsion", "disagreement")  # method diagnostics shown live
+
+Batches = Iterable[tuple[Tensor, Tensor]]
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of epoch ``epoch`` (1-based) of a run with seed ``seed``."""
+    return (seed * 1_000_033 + epoch * 104_729 + 99_991) % (2**63 - 1)
+
+
+# ------------------------------------------------------------------ batches
+class TensorBatches:
+    """In-memory ``(x, y)`` as seeded minibatches of a fresh permutation per epoch.
+
+    ``x (N, ...)``, ``y (N, ...)`` (kept on their device, e.g. moved to the GPU
+    once). With ``augment`` (images ``(N, C, H, W)``) every batch is randomly
+    cropped with ``crop_padding`` pixels of ``pad_value`` padding and flipped
+    horizontally (:func:`diverse.data.augment.crop_and_flip`), from a generator
+    seeded with the permutation. :meth:`reseed` sets the seed of the next pass.
+    """
+
+    def __init__(self, x: Tensor, y: Tensor, batch_size: int, *, augment: bool = False,
+                 crop_padding: int = 4, pad_value: Sequence[float] = (0.0,)) -> None:
+        if len(x) != len(y):
+            raise UserError(f"TensorBatches: {len(x)} inputs but {len(y)} targets")
+        if batch_size < 1:
+            raise UserError(f"batch_size = {batch_size}: must be >= 1")
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.augment, self.crop_padding, self.pad_value = augment, crop_padding, tuple(pad_value)
+        self.seed = 0
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.x) / self.batch_size)
+
+    def reseed(self, seed: int) -> None:
+        self.seed = seed
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        device = self.x.device
+        order = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(self.seed))
+        order = order.to(device)
+        crops = (torch.Generator(device=device).manual_seed(self.seed + 1)
+                 if self.augment else None)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            xb = self.x[idx]
+            if crops is not None:
+                xb = crop_and_flip(xb, self.crop_padding, crops, self.pad_value)
+            yield xb, self.y[idx]
+
+
+def reseed_batches(batches: Batches, seed: int) -> None:
+    """Reseed a batch source for the next pass: :class:`TensorBatches`, or a
+    ``DataLoader``'s own generator and its sampler's (when they have one; a
+    sampler without one draws from the global generator, reseeded by the loop)."""
+    if isinstance(batches, TensorBatches):
+        batches.reseed(seed)
+        return
+    if isinstance(batches, DataLoader):
+        generators = [batches.generator, getattr(batches.sampler, "generator", None),
+                      getattr(getattr(batches.batch_sampler, "sampler", None), "generator", None)]
+        for g in {id(g): g for g in generators if isinstance(g, torch.Generator)}.values():
+            g.manual_seed(seed)
+
+
+def steps_per_epoch(batches: Batches) -> int:
+    try:
+        n = len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        raise UserError("the training batches have no len(): give a DataLoader over a "
+                        "sized dataset (or wrap the iterable in one)") from None
+    if n < 1:
+        raise UserError("the training batches are empty (len() = 0)")
+    return n
+
+
+# ---------------------------------------------------------------- callbacks
+class Callback:
+    """Hooks into :func:`fit`; override the ones you need.
+
+    ``on_step(step, result)`` after every update (``step`` counts from 1),
+    ``on_epoch(record)`` after every epoch's history record,
+    ``on_checkpoint(path)`` after every checkpoint, ``on_end(history)`` at the end.
+    """
+
+    def on_step(self, step: int, result: StepResult) -> None:
+        """Called after optimizer step ``step``."""
+
+    def on_epoch(self, record: dict[str, Any]) -> None:
+        """Called with every epoch's history record."""
+
+    def on_checkpoint(self, path: Path) -> None:
+        """Called after a checkpoint is complete."""
+
+    def on_end(self, history: list[dict[str, Any]]) -> None:
+        """Called once training ends."""
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns: the per-epoch ``history`` and, for a Bayesian
+    baseline, the weight ``samples`` its finalizer drew."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    samples: Samples | None = None
+
+
+# ---------------------------------------------------------------- prediction
+def held_out_figures(ensemble: Ensemble, method: Method, likelihood: Likelihood,
+                     x: Tensor | Batches, y: Tensor | None, split: str,
+                     comm: Comm = SINGLE) -> dict[str, float]:
+    """Accuracy and NLL (classification) or RMSE and NLL (regression) of the current
+    members on a held-out set, keyed ``{split}_*``. ``x`` is a tensor with targets
+    ``y``, or an iterable of ``(x, y)`` batches (``y = None``)."""
+    if y is None:
+        targets = torch.cat([b[1].cpu() for b in x])  # type: ignore[union-attr]
+    else:
+        targets = y.cpu()
+    draws = method.prediction_draws()
+    pred = predict(ensemble, likelihood, x, samples=draws)
+    pred = {k: comm.gather_samples(v, draws) for k, v in pred.items()}  # sharded: all members
+    if "probs" in pred:
+        return {f"{split}_accuracy": float(metrics.accuracy(pred["probs"], targets)),
+                f"{split}_nll": float(metrics.nll(pred["probs"], targets))}
+    if targets.dim() == 1:
+        targets = targets[:, None]
+    means, stds = pred["means"][..., 0], pred["stds"][..., 0]
+    return {f"{split}_rmse": float(metrics.rmse(means, targets[:, 0])),
+            f"{split}_nll": float(metrics.gaussian_mixture_nll(means, stds, targets[:, 0]))}
+
+
+# ---------------------------------------------------------------- warnings
+#: An epoch whose mean driving/repulsion norm ratio exceeds this gets a warning: the
+#: members then move as a deep ensemble's would (seed 003's finding at the exact
+#: posterior scaling).
+REPULSION_WARNING_RATIO = 1e3
+
+
+def repulsion_warning(record: dict[str, Any]) -> str | None:
+    """The warning for an epoch record whose ``diag_driving_over_repulsion`` > 10³, else None."""
+    ratio = record.get("diag_driving_over_repulsion")
+    if ratio is None or not ratio > REPULSION_WARNING_RATIO:
+        return None
+    return (f"the driving term is {ratio:.3g}x the repulsion (> {REPULSION_WARNING_RATIO:g}): "
+            "the members train as a deep ensemble. Strengthen the repulsion with [method] "
+            "repulsion_scale = \"batch\" (the papers' tempered practice), driving_scale < 1, "
+            "or an annealing schedule that starts low (annealing = \"hyper\" | \"cyclic\")")
+
+
+# ---------------------------------------------------------------- saved runs
+#: What :func:`diverse.load` needs to rebuild a run trained through the Python API.
+MODEL_FILE = "model.json"
+
+
+def factory_reference(factory: Callable[[], Any]) -> dict[str, str | None]:
+    """How to import ``factory`` again: ``{"factory": "module:qualname", "file": path}``.
+
+    A factory defined at the top level of a module (or of the script being run:
+    then ``file`` is the script's path) can be re-imported by :func:`diverse.load`;
+    a lambda or a nested function cannot (``factory`` is then None and ``load``
+    needs ``factory=`` given).
+    """
+    module = getattr(factory, "__module__", None)
+    qualname = getattr(factory, "__qualname__", "")
+    if not module or "<lambda>" in qualname or "<locals>" in qualname:
+        return {"factory": None, "file": None}
+    if module == "__main__":
+        main = getattr(sys.modules.get("__main__"), "__file__", None)
+        if main is None:
+            return {"factory": None, "file": None}
+        return {"factory": f"{Path(main).stem}:{qualname}", "file": str(Path(main).resolve())}
+    return {"factory": f"{module}:{qualname}", "file": None}
+
+
+def likelihood_config(likelihood: Likelihood) -> LikelihoodConfig:
+    """The config of a built likelihood (to save it with a run)."""
+    if likelihood.task == "classification":
+        return LikelihoodConfig(name="categorical")
+    return LikelihoodConfig(name="gaussian", noise_std=likelihood.noise_std,  # type: ignore
+                            learn_noise=likelihood.learn_noise)  # type: ignore[attr-defined]
+
+
+def write_model_spec(run_dir: Path, method: Method, ensemble: Ensemble, likelihood: Likelihood,
+                     input_shape: tuple[int, ...], outputs: int,
+                     normalization: tuple[Sequence[float], Sequence[float]] | None) -> None:
+    """``RUN/model.json`` and ``RUN/data.json`` of a Python-API run (atomic)."""
+    from diverse.checkpoint import atomic_write_json
+    from diverse.data.datasets import DATA_SPEC_FILE
+
+    members = ensemble.members
+    if method.spec.generator:
+        members = int(ensemble.module.cfg.train_members)  # type: ignore[union-attr]
+    mean, std = normalization if normalization is not None else ((0.0,), (1.0,))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / MODEL_FILE, {
+        "format": "diverse-fit", "method": dataclasses.asdict(method.config),
+        "members": members, "seed": ensemble.seed, "execution": ensemble.execution,
+        "likelihood": dataclasses.asdict(likelihood_config(likelihood)),
+        **factory_reference(ensemble.base_factory)})
+    atomic_write_json(run_dir / DATA_SPEC_FILE, {
+        "name": "custom", "task": likelihood.task, "input_shape": list(input_shape),
+        "num_outputs": outputs, "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std]})
+
+
+# ---------------------------------------------------------------- the loop
+RNG_KEY = "rng/cpu"
+CUDA_RNG_KEY = "rng/cuda"
+
+
+def _rng_tensors(device: torch.device) -> dict[str, Tensor]:
+    out = {RNG_KEY: torch.get_rng_state()}
+    if device.type == "cuda":
+        out[CUDA_RNG_KEY] = torch.cuda.get_rng_state(device)
+    return out
+
+
+def _set_rng(tensors: dict[str, Tensor], device: torch.device) -> None:
+    torch.set_rng_state(tensors[RNG_KEY].to(torch.uint8).cpu())
+    if device.type == "cuda" and CUDA_RNG_KEY in tensors:
+        torch.cuda.set_rng_state(tensors[CUDA_RNG_KEY].to(torch.uint8).cpu(), device)
+
+
+@dataclass
+class _Sums:
+    """The running sums of one epoch (saved in a mid-epoch checkpoint)."""
+
+    loss: float = 0.0
+    fit: float = 0.0
+    count: int = 0
+    steps: int = 0
+    nll: float = 0.0
+    diag: dict[str, float] = field(default_factory=dict)
+
+
+def fit(
+    ensemble: Ensemble,
+    method: Method,
+    train_batches: Batches,
+    *,
+    n_train: int,
+    likelihood: Likelihood | LikelihoodConfig | str = "categorical",
+    train: TrainConfig | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    val: Batches | tuple[Tensor, Tensor] | None = None,
+    val_name: str = "val",
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    checkpoint_every_steps: int | None = None,
+    callbacks: Sequence[Callback] = (),
+    show_progress: bool = True,
+    tracker: Any = None,
+    run_record: dict[str, Any] | None = None,
+    normalization: tuple[Sequence[float], Sequence[float]] | None = None,
+    comm: Comm | None = None,
+) -> FitResult:
+    """Train ``ensemble`` with ``method`` on ``train_batches``; return the history.
+
+    Args:
+        ensemble: the members (``method.ensemble(factory, M)``), on their device.
+        method: a :class:`~diverse.methods.catalog.Method`
+            (:func:`~diverse.methods.catalog.build_method`).
+        train_batches: ``(x, y)`` batches with a length (a ``DataLoader``,
+            :class:`TensorBatches`); only the current batch is moved to the device.
+        n_train: the training-set size N (the likelihood's weight in the posterior).
+        likelihood: ``"categorical"``, ``"gaussian"``, a config or a built likelihood.
+        train: epochs or steps, optimizer, learning rate and schedule, prior σ,
+            seed, checkpoint cadence (:class:`~diverse.app.config.TrainConfig`; its
+            ``batch_size``, ``device``, ``precision`` and ``compile`` are the
+            loader's and the ensemble's business here).
+        optimizer: an optimizer over ``ensemble.parameters()`` instead of the one
+            ``train`` describes; the schedule scales each group's initial lr.
+        val: a validation loader or ``(x, y)`` tensors, evaluated every
+            ``train.eval_every`` epochs and at the end (``{val_name}_*`` keys).
+        run_dir: where checkpoints (atomic), ``data.json`` and weight samples go;
+            None keeps everything in memory (no resume).
+        resume: continue from the latest checkpoint in ``run_dir``.
+        checkpoint_every_steps: also checkpoint every K steps (default
+            ``train.checkpoint_every_steps``; 0 = epochs only).
+        callbacks: :class:`Callback` hooks. show_progress: a progress line with ETA.
+        tracker: an object with ``log(epoch, record)`` and ``close()`` (a
+            ``[logging]`` backend); default none.
+        run_record: what the checkpoint manifests store under ``config`` (the
+            CLI's resolved config, which also writes its own ``config.toml``);
+            default: the Python API's ``model.json`` + ``data.json`` are written
+            so that :func:`diverse.load` rebuilds the run (the factory must be
+            importable, or given to ``load``).
+        normalization: per-channel ``(mean, std)`` that :func:`diverse.load`'s
+            ``predict`` applies to raw inputs (default none: ``predict`` takes
+            inputs in the units the loader yields).
+        comm: the member sharding over processes (default: the initialized
+            process group, else one process).
+
+    Returns:
+        :class:`FitResult`: the per-epoch records (``train_loss``, ``train_nll``,
+        ``train_accuracy``/``train_neg_mse``, ``lr``, ``diag_*`` method
+        diagnostics, held-out figures, ``warning``) and the weight samples of a
+        Bayesian baseline.
+    """
+    t = train if train is not None else TrainConfig()
+    comm = distributed.current() if comm is None else comm
+    lead = comm.rank == 0  # writes checkpoints, logs and progress
+    like = likelihood if not isinstance(likelihood, (str, LikelihoodConfig)) else \
+        build_likelihood(LikelihoodConfig(name=likelihood) if isinstance(likelihood, str)
+                         else likelihood)
+    if ensemble.built_for != method.name:
+        if method.spec.wrap_model is not None or method.spec.generator:
+            built = (f"for {ensemble.built_for!r}" if ensemble.built_for else "directly")
+            raise UserError(f"method {method.name!r} needs its own members: build the ensemble "
+                            f"with method.ensemble(factory, members) (this one was built "
+                            f"{built})")
+    check_training(method.name, t.prior_std, t.weight_decay)
+    if n_train < 1:
+        raise UserError(f"n_train = {n_train}: must be the training-set size (>= 1)")
+    every_steps = t.checkpoint_every_steps if checkpoint_every_steps is None \
+        else checkpoint_every_steps
+    if every_steps < 0:
+        raise UserError(f"checkpoint_every_steps = {every_steps}: must be >= 0")
+    if resume and run_dir is None:
+        raise UserError("resume = True needs the run_dir of the run to resume")
+    run_path = Path(run_dir) if run_dir is not None else None
+    record_cfg = run_record if run_record is not None else {
+        "method": dataclasses.asdict(method.config), "members": ensemble.members,
+        "train": dataclasses.asdict(t)}
+
+    spe = steps_per_epoch(train_batches)
+    total = t.steps if t.steps > 0 else t.epochs * spe
+    total_epochs = math.ceil(total / spe)
+    device = ensemble.device
+    params = list(ensemble.params)
+    if optimizer is None:
+        optimizer = build_optimizer(
+            list(ensemble.params.values()), t.optimizer, t.lr, momentum=t.momentum,
+            nesterov=t.nesterov, betas=(t.betas[0], t.betas[1]), weight_decay=t.weight_decay)
+        base_lrs = [t.lr] * len(optimizer.param_groups)
+    else:
+        base_lrs = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
+
+    step, start_epoch, history, skip = 0, 1, [], 0
+    sums = _Sums()
+    rng_state: dict[str, Tensor] | None = None
+    if resume:
+        assert run_path is not None
+        model_t, optim_t, manifest = load_checkpoint(run_path)  # all members: take this rank's
+        rng_state = {k: optim_t.pop(k) for k in (RNG_KEY, CUDA_RNG_KEY) if k in optim_t}
+        members = manifest.get("members", ensemble.members * comm.size)
+        model_t = distributed.shard_tensors(comm, model_t, members)
+        optim_t = distributed.shard_tensors(comm, optim_t, members)
+        ensemble.load_state_tensors({k: v.to(device) for k, v in model_t.items()})
+        load_optimizer_tensors(optimizer, params, optim_t)
+        ensemble.execution = manifest["execution"]
+        step, history = manifest["step"], manifest["history"]
+        start_epoch = manifest["epoch"] + 1
+        skip = manifest.get("epoch_step", 0)
+        if skip:
+            partial = manifest["partial"]
+            sums = _Sums(partial["loss"], partial["fit"], partial["count"], partial["steps"],
+                         partial["nll"], dict(partial["diag"]))
+
+    bar = Progress(total, f"train {method.name} M={ensemble.members * comm.size}",
+                   enabled=show_progress and lead, start=step)
+    tracker = tracker if tracker is not None and lead else NullTracker()
+    classification = like.task == "classification"
+    fit_name = "acc" if classification else "neg_mse"
+    warned = False  # a quiet run warns once on stderr; a verbose one every epoch
+    lr = t.lr
+
+    def checkpoint(epoch_done: int, epoch_step: int, partial: _Sums | None) -> None:
+        model_t = distributed.gather_tensors(comm, ensemble.state_tensors())
+        optim_t = distributed.gather_tensors(comm, optimizer_tensors(optimizer, params))
+        if partial is not None:
+            optim_t = {**optim_t, **_rng_tensors(device)}
+        if lead and run_path is not None:
+            manifest = {"config": record_cfg, "step": step,
+                        "members": ensemble.members * comm.size,
+                        "execution": ensemble.execution, "history": history,
+                        "epoch_step": epoch_step}
+            if partial is not None:
+                manifest["partial"] = {"loss": partial.loss, "fit": partial.fit,
+                                       "count": partial.count, "steps": partial.steps,
+                                       "nll": partial.nll, "diag": partial.diag}
+            stem = (f"epoch-{epoch_done:04d}" if partial is None
+                    else f"epoch-{epoch_done:04d}-step-{step:08d}")
+            path = save_checkpoint(run_path, epoch_done, model_t, optim_t, manifest,
+                                   keep=t.keep_checkpoints, stem=stem)
+            for cb in callbacks:
+                cb.on_checkpoint(path)
+        comm.barrier()  # the checkpoint is complete before any rank goes on
+
+    for epoch in range(start_epoch, total_epochs + 1):
+        seed = epoch_seed(t.seed, epoch)
+        torch.manual_seed(seed)
+        reseed_batches(train_batches, seed)
+        ensemble.train()
+        t0 = time.perf_counter()
+        if not skip:
+            sums = _Sums()
+        nll_sum = torch.tensor(sums.nll, device=device)
+        batches = iter(train_batches)
+        for _ in range(skip):  # resumed mid-epoch: draw the consumed batches again
+            next(batches)
+        if skip and rng_state:
+            _set_rng(rng_state, device)
+        i = skip
+        skip = 0
+        for xb, yb in batches:
+            if step >= total:
+                break
+            factor = schedule_factor(t.schedule, step / total, final=t.final_lr_factor)
+            for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                group["lr"] = base * factor
+            lr = base_lrs[0] * factor
+            xb = xb.to(device, non_blocking=True)
+            yb = yb.to(device, non_blocking=True)
+            result = method.update(Step(ensemble, xb, yb, like, n_train, t.prior_std,
+                                        step / total, step, comm=comm))
+            grads = result.grads
+            finite_grads = grads is None or all(bool(torch.isfinite(g).all())
+                                                for g in grads.values())
+            if comm.any(not bool(torch.isfinite(result.loss).all()) or not finite_grads):
+                what = "loss" if finite_grads else "update (gradient)"
+                kept = ("the last good checkpoint is in " + str(run_path / "checkpoints")
+                        if run_path is not None
+                        and (run_path / "checkpoints" / "latest.json").is_file()
+                        else "no checkpoint was written yet")
+                raise DivergenceError(
+                    f"non-finite {what} at epoch {epoch} step {i + 1} (global step {step + 1}); "
+                    f"{kept}")
+            if step == 0 and lead and run_path is not None and run_record is None:
+                write_model_spec(run_path, method, ensemble, like, tuple(xb.shape[1:]),
+                                 int(result.outputs.shape[-1]), normalization)
+            if grads is not None:  # a sampler (grads None) has moved θ itself
+                for name, p in ensemble.params.items():
+                    p.grad = grads[name]
+                optimizer.step()
+            step += 1
+            i += 1
+            n_b = len(yb)
+            sums.loss += float(result.loss.mean()) * n_b
+            sums.fit += float(like.correct(result.outputs, yb).mean()) * n_b
+            # the data term only, summed on the device and read once per epoch
+            nll_sum = nll_sum + like.nll(result.outputs, yb).sum() / len(result.outputs)
+            sums.count += n_b
+            sums.steps += 1
+            for key, value in result.logs.items():
+                sums.diag[key] = sums.diag.get(key, 0.0) + value
+            bar.update(step, epoch=f"{epoch}/{total_epochs}", loss=sums.loss / sums.count,
+                       **{fit_name: sums.fit / sums.count},
+                       **{k: v for k, v in result.logs.items() if k in PROGRESS_LOGS})
+            for cb in callbacks:
+                cb.on_step(step, result)
+            if every_steps and step % every_steps == 0 and i < spe and step < total:
+                sums.nll = float(nll_sum)
+                checkpoint(epoch - 1, i, sums)
+        sums.nll = float(nll_sum)
+        # sharded: the live figures above are rank 0's members; the epoch's are all members'
+        loss_m, fit_m, nll_m = comm.mean(torch.tensor(
+            [sums.loss, sums.fit, sums.nll], dtype=torch.float64)).tolist()
+        count = max(sums.count, 1)
+        # train_loss: the method's own objective per example (what it includes — prior,
+        # KL, diversity terms — is the method's); train_nll: the mean member NLL of the
+        # batches, the same quantity for every method
+        record: dict[str, Any] = {
+            "epoch": epoch, "step": step, "lr": lr, "seconds": time.perf_counter() - t0,
+            "train_loss": loss_m / count, "train_nll": nll_m / count,
+            ("train_accuracy" if classification else "train_neg_mse"): fit_m / count,
+        }
+        record.update({f"diag_{k}": v / max(sums.steps, 1) for k, v in sums.diag.items()})
+        last = epoch == total_epochs
+        if val is not None and ((t.eval_every > 0 and epoch % t.eval_every == 0) or last):
+            vx, vy = val if isinstance(val, tuple) else (val, None)
+            record.update(held_out_figures(ensemble, method, like, vx, vy, val_name, comm))
+        warning = repulsion_warning(record)
+        if warning is not None:
+            record["warning"] = warning
+        history.append(record)
+        tracker.log(epoch, record)
+        for cb in callbacks:
+            cb.on_epoch(record)
+        if spe >= 10 or last or epoch % max(1, total_epochs // 20) == 0:
+            bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in record.items() if k != "warning"))
+        if warning is not None and lead and show_progress:
+            bar.write(f"warning: epoch {epoch}: {warning}")
+        elif warning is not None and lead and not warned:
+            print(f"diverse: warning: epoch {epoch}: {warning}", file=sys.stderr)
+            warned = True
+        if epoch % t.checkpoint_every and not last:
+            continue
+        checkpoint(epoch, 0, None)
+    bar.close()
+    tracker.close()
+    result = FitResult(history)
+    if method.spec.finalize is not None:  # Bayesian baselines end in weight samples
+        with torch.random.fork_rng(devices=[]):
+            skeleton = ensemble.base_factory().eval()
+        finish = Finish(skeleton.to(device), t.seed, t.prior_std, method.data)
+        result.samples = method.spec.finalize(method.config, ensemble, finish)
+        if lead and run_path is not None:
+            save_samples(run_path, result.samples, method.name, record_cfg)
+    for cb in callbacks:
+        cb.on_end(history)
+    return result
+
+
+def as_callback(on_step: Callable[[int], None]) -> Callback:
+    """A :class:`Callback` calling ``on_step(global_step)`` after every step."""
+
+    class _OnStep(Callback):
+        def on_step(self, step: int, result: StepResult) -> None:
+            on_step(step)
+
+    return _OnStep()

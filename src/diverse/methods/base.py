@@ -1,0 +1,210 @@
+"""Training methods: the per-step update on the stacked parameters.
+
+A method is a function of a :class:`Step` (the ensemble, the batch, the
+likelihood, the data-set size, the progress) that returns a
+:class:`StepResult`: the per-member objective values ``(M,)``, the outputs
+``(M, B, K)`` it computed on the batch, the gradient handed to the optimizer
+for every stacked parameter, and scalar diagnostics. The optimizer then
+descends that gradient. A particle method returns minus its update direction
+φ; the deep ensemble returns the independent negative log-posterior gradients.
+
+A builder takes the method's config dataclass and a :class:`TrainingData`
+(what a method may precompute from the training data: PCA lengthscales, an
+outlier pool, the full batch of HMC) and returns the update. A sampler that
+moves the parameters itself (SGHMC, HMC) returns ``grads = None``: the loop
+then takes no optimizer step. The name→builder table is
+:data:`diverse.methods.catalog.METHODS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from diverse.errors import UserError
+from diverse.nets.distributed import SINGLE, Comm
+from diverse.nets.ensemble import Ensemble, Params
+from diverse.nets.likelihoods import Likelihood
+
+
+@dataclass
+class Step:
+    """Everything a method may use for one update.
+
+    Attributes:
+        ensemble: the members; ``ensemble.params`` are the stacked leaves.
+        x: inputs ``(B, ...)``; y: targets ``(B,)`` or ``(B, D)``.
+        likelihood: maps outputs to per-member NLL ``(M, B)``.
+        n_train: training-set size N (the likelihood is scaled by N in the
+            log posterior; objectives here are divided by N, i.e. per example).
+        prior_std: σ of the isotropic Gaussian weight prior, 0 for none.
+        progress: ``step / total_steps`` in ``[0, 1)``, for annealing.
+        index: the global step number (0-based), for warm-ups counted in steps.
+        comm: the member sharding (:mod:`diverse.nets.distributed`): the ensemble
+            holds this rank's members; interaction terms gather the others'
+            embeddings with ``comm.gather``. Default: one process.
+    """
+
+    ensemble: Ensemble
+    x: Tensor
+    y: Tensor
+    likelihood: Likelihood
+    n_train: int
+    prior_std: float
+    progress: float
+    index: int = 0
+    comm: Comm = SINGLE
+
+
+@dataclass
+class StepResult:
+    loss: Tensor  # (M,) per-member objective (detached)
+    outputs: Tensor  # (M, B, K) outputs on the batch (detached)
+    grads: Params | None  # {name: (M, *shape)} for the optimizer; None: the method moved θ
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """What a method may precompute from the training data — never a whole run.
+
+    Give ``inputs`` (and ``targets``) when the training set is a tensor, or
+    ``batches`` (any iterable of ``(x, y)``, e.g. a ``DataLoader``) when it
+    streams: one pass over it then provides what a method needs (FoRDE's PCA
+    moments, the first ``outlier_pool`` inputs for HE-CKA's outliers, the
+    full batch of HMC).
+
+    Attributes:
+        inputs: training inputs ``(N, ...)`` in the units the model sees, or None.
+        targets: their targets ``(N,)`` / ``(N, D)``, or None.
+        batches: an iterable of ``(x, y)`` batches, or None.
+        task: ``"classification"`` or ``"regression"``.
+        mean, std: the per-channel normalization already applied to the inputs
+            (synthetic outliers are drawn in data units, then normalized alike);
+            ``(0.0,)`` / ``(1.0,)`` when the inputs are not normalized.
+        name: a name for messages.
+    """
+
+    inputs: Tensor | None = None
+    targets: Tensor | None = None
+    batches: Iterable[tuple[Tensor, Tensor]] | None = None
+    task: str = "classification"
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    name: str = "the training data"
+
+    def head(self, count: int) -> Tensor:
+        """The first ``count`` training inputs (fewer if the set is smaller), on CPU."""
+        if self.inputs is not None:
+            return self.inputs[:count]
+        if self.batches is None:
+            raise UserError(f"{self.name}: no training inputs were given (inputs or batches)")
+        taken, total = [], 0
+        for x, _y in self.batches:
+            taken.append(x.detach().cpu())
+            total += len(x)
+            if total >= count:
+                break
+        return torch.cat(taken)[:count]
+
+    def full(self) -> tuple[Tensor, Tensor]:
+        """All training inputs and targets (a whole pass over ``batches`` if streamed)."""
+        if self.inputs is not None and self.targets is not None:
+            return self.inputs, self.targets
+        if self.batches is None:
+            raise UserError(f"{self.name}: no training data were given (inputs and targets, "
+                            "or batches)")
+        xs, ys = zip(*((x.detach().cpu(), y.detach().cpu()) for x, y in self.batches),
+                     strict=True)
+        return torch.cat(xs), torch.cat(ys)
+
+    @classmethod
+    def of(cls, dataset: Any) -> TrainingData:
+        """The :class:`TrainingData` of a loaded :class:`diverse.data.datasets.Dataset`."""
+        return cls(inputs=dataset.x_train, targets=dataset.y_train, task=dataset.task,
+                   mean=tuple(dataset.mean), std=tuple(dataset.std), name=repr(dataset.name))
+
+
+@dataclass(frozen=True)
+class Finish:
+    """What a Bayesian baseline's ``finalize`` needs to turn trained members into
+    weight samples (:mod:`diverse.nets.samples`) — explicit, never a whole run.
+
+    Attributes:
+        skeleton: the plain member model (no method wrapper), in eval mode; only
+            its structure is used.
+        seed: the run's seed (sample draws are seeded from it).
+        prior_std: σ of the training prior (Laplace's prior precision 1/σ²).
+        data: the training data (Laplace fits its curvature on it), or None.
+    """
+
+    skeleton: nn.Module
+    seed: int
+    prior_std: float = 0.0
+    data: TrainingData | None = None
+
+
+def require_classification(name: str, data: TrainingData | None) -> None:
+    """UserError when ``data`` is regression: ``name`` needs class labels."""
+    if data is not None and data.task != "classification":
+        raise UserError(f"[method] {name} needs classification data; {data.name} is {data.task}")
+
+
+def gaussian_prior_penalty(params: Params, prior_std: float, n_train: int) -> Tensor:
+    """Per-member ``‖w_m‖² / (2σ² N)`` — minus the log prior per example, ``(M,)``."""
+    if prior_std <= 0:
+        first = next(iter(params.values()))
+        return first.new_zeros(first.shape[0])
+    sq = sum(v.reshape(v.shape[0], -1).square().sum(1) for v in params.values())
+    return sq / (2.0 * prior_std**2 * n_train)
+
+
+def negative_log_posterior(step: Step, params: Params) -> tuple[Tensor, Tensor]:
+    """Per-member −log p(w_m | batch)/N, ``(M,)``, and the outputs ``(M, B, K)``.
+
+    ``−(1/B) Σ_b log p(y_b | x_b, w_m) + ‖w_m‖²/(2σ²N)``: the minibatch
+    estimate of the negative log posterior divided by N.
+    """
+    outputs = step.ensemble.apply(params, step.x)
+    nll = step.likelihood.nll(outputs, step.y).mean(dim=1)
+    return nll + gaussian_prior_penalty(params, step.prior_std, step.n_train), outputs
+
+
+@dataclass(frozen=True)
+class DeepEnsembleConfig:
+    """``[method] name = "de"``: independent members (no interaction).
+
+    Fields:
+        name: ``"de"``.
+    """
+
+    name: str = "de"
+
+
+def deep_ensemble(cfg: DeepEnsembleConfig, data: TrainingData | None = None
+                  ) -> Callable[[Step], StepResult]:
+    """Deep ensemble (Lakshminarayanan et al. 2017) as MAP members.
+
+    Each member descends its own negative log posterior; because members share
+    no parameters, the gradient of the sum of member objectives is every
+    member's own gradient, stacked.
+    """
+
+    def update(step: Step) -> StepResult:
+        params = step.ensemble.params
+        loss, outputs = negative_log_posterior(step, params)
+        names = list(params)
+        grads = torch.autograd.grad(loss.sum(), [params[k] for k in names])
+        return StepResult(
+            loss=loss.detach(),
+            outputs=outputs.detach(),
+            grads=dict(zip(names, grads, strict=True)),
+        )
+
+    return update
+
+
