@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from diverse.errors import UserError
+from diverse.math.annealing import anneal
 from diverse.nets.distributed import SINGLE, Comm
 from diverse.nets.ensemble import Ensemble, Params
 from diverse.nets.likelihoods import Likelihood
@@ -163,6 +164,43 @@ def gaussian_prior_penalty(params: Params, prior_std: float, n_train: int) -> Te
     return sq / (2.0 * prior_std**2 * n_train)
 
 
+def member_gradients(objective: Tensor, params: Params, *, retain_graph: bool = False) -> Params:
+    """``{name: ∂objective/∂params[name]}``, each ``(M, *shape)``; zeros for an unused leaf.
+
+    Members share no parameters, so for a sum of per-member objectives
+    ``Σ_m L_m(w_m)`` row m of every gradient is member m's own ``∂L_m/∂w_m``:
+    one backward gives every member's gradient, stacked.
+    """
+    names = list(params)
+    grads = torch.autograd.grad(objective, [params[k] for k in names],
+                                retain_graph=retain_graph, allow_unused=True)
+    return {k: torch.zeros_like(params[k]) if g is None else g
+            for k, g in zip(names, grads, strict=True)}
+
+
+def interaction_scales(cfg: Any, step: Step) -> tuple[float, float]:
+    """The weights ``(a, c)`` of the driving term and the interaction term of a step.
+
+    ``a = driving_scale · anneal(progress)`` (the annealing schedules of
+    :mod:`diverse.math.annealing`); ``c = 1/N`` (``repulsion_scale = "n"``, the
+    posterior's own scaling) or ``1/B`` (``"batch"``, the tempering of the FoRDE and
+    HE-CKA code). ``cfg`` has ``driving_scale``, ``annealing``, ``annealing_cycles``
+    and ``repulsion_scale`` (the particle and FoRDE configs).
+    """
+    a = cfg.driving_scale * anneal(cfg.annealing, step.progress, cycles=cfg.annealing_cycles)
+    c = 1.0 / (step.n_train if cfg.repulsion_scale == "n" else len(step.x))
+    return a, c
+
+
+def interaction_logs(driving_norms: Tensor, repulsion_norms: Tensor) -> dict[str, float]:
+    """``driving_norm``, ``repulsion_norm`` (means over members of per-member norms ``(M,)``)
+    and their ratio ``driving_over_repulsion`` — the diagnostics of every interacting
+    method (a ratio above 10³ means the members train as a deep ensemble)."""
+    dn, rn = float(driving_norms.mean()), float(repulsion_norms.mean())
+    return {"driving_norm": dn, "repulsion_norm": rn,
+            "driving_over_repulsion": dn / max(rn, 1e-30)}
+
+
 def negative_log_posterior(step: Step, params: Params) -> tuple[Tensor, Tensor]:
     """Per-member −log p(w_m | batch)/N, ``(M,)``, and the outputs ``(M, B, K)``.
 
@@ -197,13 +235,8 @@ def deep_ensemble(cfg: DeepEnsembleConfig, data: TrainingData | None = None
     def update(step: Step) -> StepResult:
         params = step.ensemble.params
         loss, outputs = negative_log_posterior(step, params)
-        names = list(params)
-        grads = torch.autograd.grad(loss.sum(), [params[k] for k in names])
-        return StepResult(
-            loss=loss.detach(),
-            outputs=outputs.detach(),
-            grads=dict(zip(names, grads, strict=True)),
-        )
+        return StepResult(loss=loss.detach(), outputs=outputs.detach(),
+                          grads=member_gradients(loss.sum(), params))
 
     return update
 

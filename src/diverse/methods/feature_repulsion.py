@@ -46,7 +46,14 @@ from diverse.errors import UserError
 from diverse.math import he_cka as he
 from diverse.math import metrics
 from diverse.math.cka import CENTERINGS, GRAM_KINDS, as_matrix, unit_grams
-from diverse.methods.base import Step, StepResult, TrainingData, gaussian_prior_penalty
+from diverse.methods.base import (
+    Step,
+    StepResult,
+    TrainingData,
+    gaussian_prior_penalty,
+    interaction_logs,
+    member_gradients,
+)
 from diverse.nets.ensemble import Params, flatten_params, unflatten_params
 from diverse.nets.hypernet import HyperNetConfig, HyperNetwork, generate_with
 
@@ -319,12 +326,10 @@ def build_he_cka(cfg: HECKAConfig, data: TrainingData | None = None
         nll = step.likelihood.nll(out[:, :n_in], step.y).mean(1)
         loss = nll + gaussian_prior_penalty(params, step.prior_std, step.n_train)
         diversity, logs = diversity_loss(cfg, step, out, feats, layers, weights, n_in)
-        names = list(params)
-        objective = loss.sum() + ens.members * diversity
-        grads = torch.autograd.grad(objective, [params[k] for k in names])
+        grads = member_gradients(loss.sum() + ens.members * diversity, params)
         logs["disagreement"] = _disagreement(out[:, :n_in])
-        return StepResult(loss=loss.detach(), outputs=out[:, :n_in].detach(),
-                          grads=dict(zip(names, grads, strict=True)), logs=logs)
+        return StepResult(loss=loss.detach(), outputs=out[:, :n_in].detach(), grads=grads,
+                          logs=logs)
 
     return update
 
@@ -340,24 +345,18 @@ def build_svgd_cka(cfg: SVGDCKAConfig, data: TrainingData | None = None
         out, feats = _features(step, params, step.x, layers)
         nll = step.likelihood.nll(out, step.y).mean(1)
         loss = nll + gaussian_prior_penalty(params, step.prior_std, step.n_train)
-        names = list(params)
-        leaves = [params[k] for k in names]
-        drive = -flatten_params(dict(zip(names, torch.autograd.grad(
-            loss.sum(), leaves, retain_graph=True), strict=True)))
+        drive = -flatten_params(member_gradients(loss.sum(), params, retain_graph=True))
         k = energy_matrix(split_features(out, feats, layers, 0, len(step.x)), weights, cfg)
-        rep = flatten_params(dict(zip(names, torch.autograd.grad(k.sum(), leaves),
-                                      strict=True)))
+        rep = flatten_params(member_gradients(k.sum(), params))
         m = ens.members
         a = cfg.driving_scale * he.warmup(step.index, 0)
         wt = he.warmup(step.index, cfg.warmup_steps)
         driving = (a / m) * (k.detach().mT @ drive)
         repulsion = (wt * cfg.gamma / m) * rep
         phi = driving - repulsion
-        dn, rn = float(driving.norm(dim=-1).mean()), float(repulsion.norm(dim=-1).mean())
         off = ~torch.eye(m, dtype=torch.bool, device=k.device)
         logs = {"kernel_mean": float(k.detach()[off].mean()) if m > 1 else 0.0,
-                "driving_norm": dn, "repulsion_norm": rn,
-                "driving_over_repulsion": dn / max(rn, 1e-30),
+                **interaction_logs(driving.norm(dim=-1), repulsion.norm(dim=-1)),
                 "disagreement": _disagreement(out)}
         return StepResult(loss=loss.detach(), outputs=out.detach(),
                           grads=unflatten_params(-phi, params), logs=logs)
@@ -394,7 +393,6 @@ def build_hyper_he_cka(cfg: HECKAConfig, data: TrainingData | None = None
     def update(step: Step) -> StepResult:
         ens = step.ensemble
         hyper: HyperNetwork = ens.module  # type: ignore[assignment]
-        names = list(ens.params)
         own = {k: v[0] for k, v in ens.params.items()}
         layers, weights = layers_of(hyper.target)
         k = hyper.cfg.train_members
@@ -407,10 +405,9 @@ def build_hyper_he_cka(cfg: HECKAConfig, data: TrainingData | None = None
         nll = step.likelihood.nll(out[:, :n_in], step.y).mean(1)
         loss = nll + gaussian_prior_penalty(generated, step.prior_std, step.n_train)
         diversity, logs = diversity_loss(cfg, step, out, feats, layers, weights, n_in)
-        objective = loss.sum() + k * diversity
-        grads = torch.autograd.grad(objective, [ens.params[n] for n in names])
+        grads = member_gradients(loss.sum() + k * diversity, ens.params)
         logs["disagreement"] = _disagreement(out[:, :n_in])
-        return StepResult(loss=loss.detach(), outputs=out[:, :n_in].detach(),
-                          grads=dict(zip(names, grads, strict=True)), logs=logs)
+        return StepResult(loss=loss.detach(), outputs=out[:, :n_in].detach(), grads=grads,
+                          logs=logs)
 
     return update

@@ -35,12 +35,15 @@ import torch
 
 from diverse.errors import UserError
 from diverse.math import kernels, metrics
-from diverse.math.annealing import ANNEALINGS, anneal
+from diverse.math.annealing import ANNEALINGS
 from diverse.methods.base import (
     Step,
     StepResult,
     TrainingData,
     gaussian_prior_penalty,
+    interaction_logs,
+    interaction_scales,
+    member_gradients,
     require_classification,
 )
 from diverse.methods.spaces import (
@@ -51,6 +54,7 @@ from diverse.methods.spaces import (
     pca_lengthscales_from_batches,
 )
 from diverse.nets.distributed import SINGLE, Comm
+from diverse.nets.ensemble import flatten_params
 
 
 @dataclass(frozen=True)
@@ -163,27 +167,20 @@ def build_forde(cfg: FoRDEConfig, data: TrainingData | None = None
             moved = Lengthscales(metric.basis.to(step.x.device), metric.scale.to(step.x.device))
         else:
             moved = metric
-        a = cfg.driving_scale * anneal(cfg.annealing, step.progress, cycles=cfg.annealing_cycles)
-        c = 1.0 / (len(step.x) if cfg.repulsion_scale == "batch" else step.n_train)
+        a, c = interaction_scales(cfg, step)
         grads_x, outputs = input_gradients(ens, params, step.x, step.y, create_graph=True)
         s = forde_embedding(grads_x, moved, cfg.eps)
         log_k, logs = forde_repulsion(s, step.comm)
         nll = step.likelihood.nll(outputs, step.y).mean(1)
         loss = nll + gaussian_prior_penalty(params, step.prior_std, step.n_train)
-        names = list(params)
-        leaves = [params[k] for k in names]
-        drive = torch.autograd.grad(a * loss.sum(), leaves, retain_graph=True)
-        repel = torch.autograd.grad(c * log_k.sum(), leaves, allow_unused=True)
-        grads = {k: d if r is None else d + r
-                 for k, d, r in zip(names, drive, repel, strict=True)}
-        dn = torch.cat([g.reshape(g.shape[0], -1) for g in drive], 1).norm(dim=1)
-        rn = torch.cat([torch.zeros_like(d).reshape(d.shape[0], -1) if r is None
-                        else r.reshape(r.shape[0], -1) for d, r in zip(drive, repel, strict=True)],
-                       1).norm(dim=1)
-        dn, rn = step.comm.gather(torch.stack([dn, rn], 1)).mean(0)  # over all members
+        drive = member_gradients(a * loss.sum(), params, retain_graph=True)
+        repel = member_gradients(c * log_k.sum(), params)
+        grads = {k: d + repel[k] for k, d in drive.items()}
+        dn = flatten_params(drive).norm(dim=1)
+        rn = flatten_params(repel).norm(dim=1)
+        norms = step.comm.gather(torch.stack([dn, rn], 1))  # (M, 2): all members
         probs = step.comm.gather(outputs.detach()).softmax(-1)
-        logs.update(driving_norm=float(dn), repulsion_norm=float(rn),
-                    driving_over_repulsion=float(dn) / max(float(rn), 1e-30), anneal=a,
+        logs.update(interaction_logs(norms[:, 0], norms[:, 1]), anneal=a,
                     disagreement=float(metrics.disagreement(probs).mean()))
         return StepResult(loss=loss.detach(), outputs=outputs.detach(), grads=grads, logs=logs)
 

@@ -60,7 +60,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from diverse.errors import UserError
-from diverse.methods.base import Step, StepResult, TrainingData
+from diverse.methods.base import Step, StepResult, TrainingData, member_gradients
 from diverse.nets.bayes import mean_field_count, mean_field_kl, pairwise_w2_squared, to_mean_field
 from diverse.nets.ensemble import Ensemble, Params
 
@@ -381,8 +381,7 @@ def build_mutual_bnn(cfg: MutualBNNConfig, data: TrainingData | None = None
         s = 1.0 if step.progress >= cfg.diversity_start else 0.0
         loss = (nll + cfg.kl_weight * kl + cfg.mutual_weight * mutual
                 - s * (cfg.alpha * d_param + cfg.beta * d_feat))
-        names = list(params)
-        grads = torch.autograd.grad(loss.sum(), [params[k] for k in names], allow_unused=True)
+        grads = member_gradients(loss.sum(), params)
         logs = {key: float(v.detach().mean()) for key, v in (
             ("nll", nll), ("kl", kl), ("mutual", mutual), ("w2", off_diagonal_mean(w2)),
             ("param_div", d_param), ("feature_div", d_feat))}
@@ -390,8 +389,7 @@ def build_mutual_bnn(cfg: MutualBNNConfig, data: TrainingData | None = None
         return StepResult(
             loss=loss.detach(),
             outputs=outputs.detach(),
-            grads={k: torch.zeros_like(params[k]) if g is None else g
-                   for k, g in zip(names, grads, strict=True)},
+            grads=grads,
             logs=logs,
         )
 

@@ -39,8 +39,16 @@ from torch import Tensor
 
 from diverse.errors import UserError
 from diverse.math import kernels, metrics, scores
-from diverse.math.annealing import ANNEALINGS, anneal
-from diverse.methods.base import Step, StepResult, TrainingData, gaussian_prior_penalty
+from diverse.math.annealing import ANNEALINGS
+from diverse.methods.base import (
+    Step,
+    StepResult,
+    TrainingData,
+    gaussian_prior_penalty,
+    interaction_logs,
+    interaction_scales,
+    member_gradients,
+)
 from diverse.methods.spaces import function_embedding, weight_embedding
 from diverse.nets.distributed import SINGLE
 from diverse.nets.ensemble import Ensemble, Params, flatten_params, pull_back, unflatten_params
@@ -192,10 +200,8 @@ def _diagnostics(sq: Tensor, h: Tensor, kernel: str, driving: Tensor,
         k = kernels.kernel_from_sq(kernel, sq, h)
     m = k.shape[-1]
     off = (k.sum() - k.diagonal().sum()) / max(m * (m - 1), 1)
-    dn = float(driving.norm(dim=-1).mean())
-    rn = float(repulsion.norm(dim=-1).mean())
-    return {"bandwidth": float(h.mean()), "kernel_mean": float(off), "driving_norm": dn,
-            "repulsion_norm": rn, "driving_over_repulsion": dn / max(rn, 1e-30)}
+    return {"bandwidth": float(h.mean()), "kernel_mean": float(off),
+            **interaction_logs(driving.norm(dim=-1), repulsion.norm(dim=-1))}
 
 
 # -------------------------------------------------------------- driving terms
@@ -220,12 +226,6 @@ def adversarial_nll(step: Step, params: Params, epsilon: float) -> Tensor:
     return step.likelihood.nll(out, step.y).mean(1)
 
 
-def _scales(cfg: SVGDConfig, step: Step) -> tuple[float, float]:
-    a = cfg.driving_scale * anneal(cfg.annealing, step.progress, cycles=cfg.annealing_cycles)
-    c = 1.0 / (step.n_train if cfg.repulsion_scale == "n" else len(step.x))
-    return a, c
-
-
 def _disagreement(outputs: Tensor, step: Step) -> dict[str, float]:
     if step.likelihood.task != "classification":
         return {}
@@ -238,14 +238,12 @@ def weight_space(cfg: SVGDConfig, direction: Repulsion) -> Callable[[Step], Step
 
     def update(step: Step) -> StepResult:
         params = step.ensemble.params
-        a, c = _scales(cfg, step)
+        a, c = interaction_scales(cfg, step)
         outputs = step.ensemble.apply(params, step.x)
         nll = step.likelihood.nll(outputs, step.y).mean(1)
         loss = nll + gaussian_prior_penalty(params, step.prior_std, step.n_train)
         loss = loss + adversarial_nll(step, params, cfg.fgsm_epsilon)
-        names = list(params)
-        grads = torch.autograd.grad(loss.sum(), [params[k] for k in names])
-        drive = -flatten_params(dict(zip(names, grads, strict=True)))  # ∇ log p(w|D) / N
+        drive = -flatten_params(member_gradients(loss.sum(), params))  # ∇ log p(w|D) / N
         z = weight_embedding({k: v.detach() for k, v in params.items()})
         comm = step.comm  # sharded: the interaction of all M particles, this rank's rows kept
         phi, logs = direction(comm.gather(z), comm.gather(drive), a, c)
@@ -269,7 +267,7 @@ def function_space(cfg: SVGDConfig, direction: Repulsion,
 
     def update(step: Step) -> StepResult:
         ens, params = step.ensemble, step.ensemble.params
-        a, c = _scales(cfg, step)
+        a, c = interaction_scales(cfg, step)
         b = len(step.x)
         x = step.x
         if cfg.context_points > 0 and x_pool is not None:
@@ -291,9 +289,8 @@ def function_space(cfg: SVGDConfig, direction: Repulsion,
         grads = pull_back(f, params, -comm.local(phi))
         adv = adversarial_nll(step, params, cfg.fgsm_epsilon)
         if cfg.fgsm_epsilon > 0:
-            names = list(params)
-            extra = torch.autograd.grad(a * adv.sum(), [params[k] for k in names])
-            grads = {k: grads[k] + g for k, g in zip(names, extra, strict=True)}
+            extra = member_gradients(a * adv.sum(), params)
+            grads = {k: g + extra[k] for k, g in grads.items()}
         logs.update(_disagreement(comm.gather(outputs[:, :b].detach()), step), anneal=a)
         return StepResult(loss=(nll + adv).detach(), outputs=outputs[:, :b].detach(),
                           grads=grads, logs=logs)

@@ -47,7 +47,14 @@ import torch
 from torch import Tensor, nn
 
 from diverse.errors import UserError
-from diverse.methods.base import Finish, Step, StepResult, TrainingData, negative_log_posterior
+from diverse.methods.base import (
+    Finish,
+    Step,
+    StepResult,
+    TrainingData,
+    member_gradients,
+    negative_log_posterior,
+)
 from diverse.nets.ensemble import Ensemble, flatten_params, unflatten_params
 from diverse.nets.samples import Samples, samples_from_draws
 from diverse.validate import check_count, check_number
@@ -158,14 +165,13 @@ def wrap_sghmc(cfg: SGHMCConfig, module: nn.Module, members: int = 1,
 
 
 def build_sghmc(cfg: SGHMCConfig, data: TrainingData | None = None) -> Callable[[Step], StepResult]:
-    """The SGHMC update (module docstring): moves θ, updates the buffers, returns zero grads."""
+    """The SGHMC update (module docstring): moves θ, updates the buffers (grads None)."""
     per_cycle = cfg.predict_samples // max(cfg.cycles, 1)
 
     def update(step: Step) -> StepResult:
         ens, params = step.ensemble, step.ensemble.params
         loss, outputs = negative_log_posterior(step, params)
-        names = list(params)
-        grads = torch.autograd.grad(loss.sum(), [params[k] for k in names])
+        grads = member_gradients(loss.sum(), params)
         lr, r, c = step_size(cfg.lr, step.progress, cfg.cycles)
         sampling = r >= cfg.burn_in
         with torch.no_grad():
@@ -175,7 +181,7 @@ def build_sghmc(cfg: SGHMCConfig, data: TrainingData | None = None) -> Callable[
                 std = math.sqrt(2.0 * cfg.friction * lr * cfg.temperature / step.n_train)
                 noise = std * torch.randn_like(momentum)
             theta, v = sghmc_step(flatten_params(params), momentum,
-                                  flatten_params(dict(zip(names, grads, strict=True))),
+                                  flatten_params(grads),
                                   lr, cfg.friction, noise)
             momentum.copy_(v)
             for k, value in unflatten_params(theta, params).items():

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from diverse.methods.base import Finish, Step, StepResult, TrainingData
+from diverse.methods.base import Finish, Step, StepResult, TrainingData, member_gradients
 from diverse.nets.bayes import mean_field_kl, mean_field_names, sigma_of, to_mean_field
 from diverse.nets.ensemble import Ensemble
 from diverse.nets.samples import Params, Samples, samples_from_draws
@@ -87,11 +87,9 @@ def build_vi(cfg: VIConfig, data: TrainingData | None = None) -> Callable[[Step]
     def update(step: Step) -> StepResult:
         params = step.ensemble.params
         loss, nll, outputs = negative_elbo(step, params, cfg)
-        names = list(params)
-        grads = torch.autograd.grad(loss.sum(), [params[k] for k in names])
         return StepResult(
             loss=loss.detach(), outputs=outputs.detach(),
-            grads=dict(zip(names, grads, strict=True)),
+            grads=member_gradients(loss.sum(), params),
             logs={"nll": float(nll.detach().mean()),
                   "kl": float((loss - nll).detach().mean())},
         )
