@@ -59,7 +59,7 @@ from diverse.evaluation.prediction import predict
 from diverse.math import metrics
 from diverse.methods.base import Finish, Step, StepResult
 from diverse.methods.catalog import Method, check_training
-from diverse.nets import distributed
+from diverse.nets import distributed, precision
 from diverse.nets.distributed import SINGLE, Comm
 from diverse.nets.ensemble import Ensemble
 from diverse.nets.likelihoods import Likelihood, LikelihoodConfig, build_likelihood
@@ -69,6 +69,15 @@ from diverse.progress import Progress
 PROGRESS_LOGS = ("driving_over_repulsion", "disagreement")  # method diagnostics shown live
 
 Batches = Iterable[tuple[Tensor, Tensor]]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; ``"cuda"`` without CUDA is refused."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("[train] device = 'cuda': no CUDA device is available; use 'cpu' or 'auto'")
+    return torch.device(name)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -223,8 +232,9 @@ MODEL_FILE = "model.json"
 def factory_reference(factory: Callable[[], Any]) -> dict[str, str | None]:
     """How to import ``factory`` again: ``{"factory": "module:qualname", "file": path}``.
 
-    A factory defined at the top level of a module (or of the script being run:
-    then ``file`` is the script's path) can be re-imported by :func:`diverse.load`;
+    A factory defined at the top level of a module (``file`` is its source, used
+    when the module cannot be imported by name, e.g. the script being run) can be
+    re-imported by :func:`diverse.load`;
     a lambda or a nested function cannot (``factory`` is then None and ``load``
     needs ``factory=`` given).
     """
@@ -232,12 +242,13 @@ def factory_reference(factory: Callable[[], Any]) -> dict[str, str | None]:
     qualname = getattr(factory, "__qualname__", "")
     if not module or "<lambda>" in qualname or "<locals>" in qualname:
         return {"factory": None, "file": None}
+    source = getattr(sys.modules.get(module), "__file__", None)
+    file = str(Path(source).resolve()) if source else None
     if module == "__main__":
-        main = getattr(sys.modules.get("__main__"), "__file__", None)
-        if main is None:
+        if file is None:
             return {"factory": None, "file": None}
-        return {"factory": f"{Path(main).stem}:{qualname}", "file": str(Path(main).resolve())}
-    return {"factory": f"{module}:{qualname}", "file": None}
+        return {"factory": f"{Path(file).stem}:{qualname}", "file": file}
+    return {"factory": f"{module}:{qualname}", "file": file}
 
 
 def likelihood_config(likelihood: Likelihood) -> LikelihoodConfig:
@@ -333,9 +344,10 @@ def fit(
         n_train: the training-set size N (the likelihood's weight in the posterior).
         likelihood: ``"categorical"``, ``"gaussian"``, a config or a built likelihood.
         train: epochs or steps, optimizer, learning rate and schedule, prior σ,
-            seed, checkpoint cadence (:class:`~diverse.app.config.TrainConfig`; its
-            ``batch_size``, ``device``, ``precision`` and ``compile`` are the
-            loader's and the ensemble's business here).
+            seed, checkpoint cadence, device (the ensemble is moved there; ``"auto"``:
+            CUDA when available), precision and compilation (applied to an ensemble
+            not configured yet) (:class:`~diverse.app.config.TrainConfig`; its
+            ``batch_size`` is the loader's business here).
         optimizer: an optimizer over ``ensemble.parameters()`` instead of the one
             ``train`` describes; the schedule scales each group's initial lr.
         val: a validation loader or ``(x, y)`` tensors, evaluated every
@@ -391,6 +403,14 @@ def fit(
         "method": dataclasses.asdict(method.config), "members": ensemble.members,
         "train": dataclasses.asdict(t)}
 
+    target = resolve_device(t.device)
+    if ensemble.device.type != target.type or (
+            target.index is not None and ensemble.device != target):
+        ensemble.to(target)
+    if ensemble.configured is None:
+        precision.configure(ensemble, t.precision, t.compile,
+                            double_backward=method.spec.double_backward, name=method.name,
+                            notify=None if lead else lambda _text: None)
     spe = steps_per_epoch(train_batches)
     total = t.steps if t.steps > 0 else t.epochs * spe
     total_epochs = math.ceil(total / spe)

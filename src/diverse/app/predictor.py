@@ -279,7 +279,16 @@ def import_factory(saved: dict[str, Any], run_dir: Path) -> Callable[[], nn.Modu
                         "factory=...)")
     module_name, _, qualname = ref.partition(":")
     try:
-        if file:
+        module = None
+        try:
+            module = importlib.import_module(module_name)
+            if file and getattr(module, "__file__", None) and \
+                    Path(module.__file__).resolve() != Path(file):
+                module = None  # a different module of that name: use the recorded file
+        except ImportError:
+            if not file:
+                raise
+        if module is None and file:
             # a script's top level runs again on import: only one that keeps its work
             # under a main guard is imported (else its training would run again)
             if not Path(file).is_file():
@@ -294,8 +303,6 @@ def import_factory(saved: dict[str, Any], run_dir: Path) -> Callable[[], nn.Modu
                 raise ImportError(f"cannot import {file!r}")
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
         target: Any = module
         for part in qualname.split("."):
             target = getattr(target, part)

@@ -39,6 +39,7 @@ from diverse.app.loop import (
     epoch_seed,
     fit,
     repulsion_warning,
+    resolve_device,
 )
 from diverse.app.tracking import check_backend, open_tracker
 from diverse.checkpoint import load_checkpoint
@@ -63,14 +64,6 @@ from diverse.nets.samples import Samples, has_samples, load_samples
 __all__ = ["PREDICT_SEED", "REPULSION_WARNING_RATIO", "Run", "build_ensemble", "build_run",
            "epoch_seed", "load_trained", "member_outputs", "predict", "predict_run",
            "predict_trained", "repulsion_warning", "resolve_device", "train"]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("[train] device = 'cuda': no CUDA device is available; use 'cpu' or 'auto'")
-    return torch.device(name)
 
 
 @dataclass

@@ -128,6 +128,8 @@ class Ensemble(nn.Module):
         self.members = members
         self.member_offset = member_offset
         self.seed = seed
+        #: (precision, compile) once :func:`diverse.nets.precision.configure` has run
+        self.configured: tuple[str, bool] | None = None
         #: the one slot is a generator whose forward returns (K, B, ...) (a hypernetwork)
         self.generates_members = bool(getattr(skeleton, "generates_members", False))
         #: the user's factory of one plain member (a method's ensemble wraps each member;

@@ -76,6 +76,7 @@ def configure(ensemble: Ensemble, precision: str, compile: bool, *,
     """
     if precision not in PRECISIONS:
         raise UserError(f"[train] precision = {precision!r}: allowed {', '.join(PRECISIONS)}")
+    ensemble.configured = (precision, compile)
     if precision == "bf16":
         autocast_forward(ensemble.module, ensemble.device.type)
     if not compile:
