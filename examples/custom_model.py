@@ -13,6 +13,25 @@ in-process prediction exactly.
 
 The data are scikit-learn's 8×8 digits (always available offline): 1,437
 training and 360 test images, 10 classes.
+
+Measured (2026-12-02, the 2-core CPU VM, nothing else running, torch 2.13.0 CPU,
+seed 0, 4 members, 15 epochs of 23 batches, Adam lr 0.01 cosine; defaults of
+this file; 65 s for all seven):
+
+| method | samples | test acc | NLL | ECE |
+|---|---|---|---|---|
+| de | 4 | 0.9417 | 0.2828 | 0.1231 |
+| svgd | 4 | 0.9278 | 0.3215 | 0.1349 |
+| f-wgd | 4 | 0.9333 | 0.2889 | 0.1192 |
+| forde | 4 | 0.9194 | 0.2961 | 0.1065 |
+| he-cka (16 outliers) | 4 | 0.9194 | 0.6090 | 0.3229 |
+| swag | 32 | 0.9306 | 0.2973 | 0.1197 |
+| laplace | 32 | 0.9278 | 0.3310 | 0.1490 |
+
+SVGD and f-WGD warn that their driving term is above 10³× the repulsion in
+some epochs even at ``repulsion_scale = "batch"``: on this small problem they
+are close to a deep ensemble. HE-CKA's NLL/ECE are worse: its outlier entropy
+term at the defaults flattens the predictions (not tuned here).
 """
 
 from __future__ import annotations
@@ -43,8 +62,8 @@ class SmallCNN(nn.Module):
         super().__init__()
         self.block1 = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
         self.block2 = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
-                                    nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(16, classes)
+                                    nn.MaxPool2d(2), nn.Flatten())
+        self.head = nn.Linear(16 * 2 * 2, classes)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.block2(self.block1(x)))
@@ -141,7 +160,7 @@ def method_configs() -> dict[str, object]:
     }
 
 
-def train_method(name: str, out: Path, *, subset: int = 0, epochs: int = 4, members: int = 4,
+def train_method(name: str, out: Path, *, subset: int = 0, epochs: int = 15, members: int = 4,
                  checkpoint_every_steps: int = 5, callbacks: tuple = (), resume: bool = False,
                  show_progress: bool = True) -> tuple:
     """Train one method; return ``(method, ensemble, result, val, test)``."""
@@ -171,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/custom-model"))
     parser.add_argument("--subset", type=int, default=0, help="training images (0 = all)")
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--members", type=int, default=4)
     parser.add_argument("--methods", nargs="*", default=list(method_configs()))
     args = parser.parse_args(argv)
