@@ -56,6 +56,8 @@ from diverse.methods.spaces import (
 from diverse.nets.distributed import SINGLE, Comm
 from diverse.nets.ensemble import flatten_params
 
+PCA_FORMS = ("reference", "covariance", "correlation")
+
 
 @dataclass(frozen=True)
 class FoRDEConfig:
@@ -98,6 +100,24 @@ class FoRDEConfig:
     annealing_cycles: int = 4
     driving_scale: float = 1.0
 
+    def __post_init__(self) -> None:
+        """Valid once constructed: a one-line UserError naming the bad value."""
+        if self.lengthscales not in ("pca", "identity"):
+            raise UserError(f"[method] lengthscales = {self.lengthscales!r}: allowed pca, "
+                            "identity")
+        if self.pca not in PCA_FORMS:
+            raise UserError(f"[method] pca = {self.pca!r}: allowed {', '.join(PCA_FORMS)}")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise UserError(f"[method] eps = {self.eps}: must be > 0")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise UserError(f"[method] alpha = {self.alpha}: must lie in [0, 1]")
+        if self.repulsion_scale not in ("batch", "n"):
+            raise UserError(f"[method] repulsion_scale = {self.repulsion_scale!r}: allowed "
+                            "batch, n")
+        if self.annealing not in ANNEALINGS:
+            raise UserError(f"[method] annealing = {self.annealing!r}: allowed "
+                            f"{', '.join(ANNEALINGS)}")
+
 
 def forde_repulsion(s: torch.Tensor, comm: Comm = SINGLE) -> tuple[torch.Tensor, dict[str, float]]:
     """Per-member log Σ_j k_ij from embeddings ``(M, B, D)``; returns ``(M,)``.
@@ -119,9 +139,6 @@ def forde_repulsion(s: torch.Tensor, comm: Comm = SINGLE) -> tuple[torch.Tensor,
     return comm.local(k.sum(1).log()), logs
 
 
-PCA_FORMS = ("reference", "covariance", "correlation")
-
-
 def forde_embedding(grads: torch.Tensor, metric: Lengthscales, eps: float) -> torch.Tensor:
     """Input gradients ``(M, B, ...)`` → FoRDE embeddings ``(M, B, D_in)``.
 
@@ -140,18 +157,6 @@ def build_forde(cfg: FoRDEConfig, data: TrainingData | None = None
                 ) -> Callable[[Step], StepResult]:
     """The FoRDE update; PCA lengthscales are computed once from the training inputs
     (``data.inputs``, or one pass over ``data.batches``)."""
-    if cfg.lengthscales not in ("pca", "identity"):
-        raise UserError(f"[method] lengthscales = {cfg.lengthscales!r}: allowed pca, identity")
-    if cfg.pca not in PCA_FORMS:
-        raise UserError(f"[method] pca = {cfg.pca!r}: allowed {', '.join(PCA_FORMS)}")
-    if not (math.isfinite(cfg.eps) and cfg.eps > 0):
-        raise UserError(f"[method] eps = {cfg.eps}: must be > 0")
-    if not 0.0 <= cfg.alpha <= 1.0:
-        raise UserError(f"[method] alpha = {cfg.alpha}: must lie in [0, 1]")
-    if cfg.repulsion_scale not in ("batch", "n"):
-        raise UserError(f"[method] repulsion_scale = {cfg.repulsion_scale!r}: allowed batch, n")
-    if cfg.annealing not in ANNEALINGS:
-        raise UserError(f"[method] annealing = {cfg.annealing!r}: allowed {', '.join(ANNEALINGS)}")
     require_classification("forde (true-label input gradients)", data)
     metric: Lengthscales = identity_lengthscales()
     if cfg.lengthscales == "pca":

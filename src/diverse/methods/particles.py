@@ -106,6 +106,10 @@ class SVGDConfig:
     context_source: str = "train"
     prior_samples: int = 0
 
+    def __post_init__(self) -> None:
+        """Valid once constructed: a one-line UserError naming the bad value."""
+        _check(self)
+
 
 @dataclass(frozen=True)
 class WGDConfig(SVGDConfig):
@@ -347,17 +351,14 @@ def _function_prior_score(cfg: SVGDConfig, step: Step, x: Tensor, f: Tensor) -> 
 
 # ------------------------------------------------------------------ builders
 def build_svgd(cfg: SVGDConfig, data: TrainingData | None = None) -> Callable[[Step], StepResult]:
-    _check(cfg)
     return weight_space(cfg, svgd_direction(cfg))
 
 
 def build_wgd(cfg: WGDConfig, data: TrainingData | None = None) -> Callable[[Step], StepResult]:
-    _check(cfg)
     return weight_space(cfg, wgd_direction(cfg))
 
 
 def build_f_svgd(cfg: SVGDConfig, data: TrainingData | None = None) -> Callable[[Step], StepResult]:
-    _check(cfg)
     if cfg.output == "softmax":
         # f-SVGD mixes the members' driving terms through the kernel: with softmax outputs
         # member j's ∇_p log p_j(y) = 1/p_j(y) reaches member i without j's softmax
@@ -372,6 +373,5 @@ def build_f_svgd(cfg: SVGDConfig, data: TrainingData | None = None) -> Callable[
 
 
 def build_f_wgd(cfg: WGDConfig, data: TrainingData | None = None) -> Callable[[Step], StepResult]:
-    _check(cfg)
     pool = context_pool(cfg, data)
     return function_space(cfg, wgd_direction(cfg), pool)
