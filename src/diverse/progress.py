@@ -48,6 +48,13 @@ class Progress:
         return (f"{self.desc} {pct:5.1f}% {self.done}/{self.total} "
                 f"[{format_seconds(elapsed)}<{eta_s}, {rate:.2f} it/s] {figs}").strip()
 
+    def due(self) -> bool:
+        """Whether the next :meth:`update` prints (figures worth computing now)."""
+        if not self.enabled:
+            return False
+        wait = 0.1 if self.tty else self.log_every
+        return time.perf_counter() - self.last_print > wait
+
     def update(self, done: int, **figures: float | str) -> None:
         self.done = done
         self.figures.update(figures)

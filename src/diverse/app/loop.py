@@ -484,6 +484,7 @@ def fit(
         if not skip:
             sums = _Sums()
         nll_sum = torch.tensor(sums.nll, device=device)
+        running = torch.tensor([sums.loss, sums.fit], dtype=torch.float64, device=device)
         batches = iter(train_batches)
         for _ in range(skip):  # resumed mid-epoch: draw the consumed batches again
             next(batches)
@@ -503,9 +504,11 @@ def fit(
             result = method.update(Step(ensemble, xb, yb, like, n_train, t.prior_std,
                                         step / total, step, comm=comm))
             grads = result.grads
-            finite_grads = grads is None or all(bool(torch.isfinite(g).all())
-                                                for g in grads.values())
-            if comm.any(not bool(torch.isfinite(result.loss).all()) or not finite_grads):
+            # one host read per step for finiteness (the stop still names the step)
+            checks = [torch.isfinite(result.loss).all()]
+            checks += [torch.isfinite(g).all() for g in (grads or {}).values()]
+            if comm.any(not bool(torch.stack(checks).all())):
+                finite_grads = all(bool(c) for c in checks[1:])
                 what = "loss" if finite_grads else "update (gradient)"
                 kept = ("the last good checkpoint is in " + str(run_path / "checkpoints")
                         if run_path is not None
@@ -524,23 +527,31 @@ def fit(
             step += 1
             i += 1
             n_b = len(yb)
-            sums.loss += float(result.loss.mean()) * n_b
-            sums.fit += float(like.correct(result.outputs, yb).mean()) * n_b
-            # the data term only, summed on the device and read once per epoch
+            # the objective and the fit, summed on the device (float64, as the host sums
+            # were) and read when the progress line prints, a checkpoint or the epoch ends
+            running += torch.stack([result.loss.detach().mean().double(),
+                                    like.correct(result.outputs, yb).mean().double()]) * n_b
+            # the data term only
             nll_sum = nll_sum + like.nll(result.outputs, yb).sum() / len(result.outputs)
             sums.count += n_b
             sums.steps += 1
             for key, value in result.logs.items():
                 sums.diag[key] = sums.diag.get(key, 0.0) + value
-            bar.update(step, epoch=f"{epoch}/{total_epochs}", loss=sums.loss / sums.count,
-                       **{fit_name: sums.fit / sums.count},
-                       **{k: v for k, v in result.logs.items() if k in PROGRESS_LOGS})
+            if bar.due():
+                loss_now, fit_now = (running / sums.count).tolist()
+                bar.update(step, epoch=f"{epoch}/{total_epochs}", loss=loss_now,
+                           **{fit_name: fit_now},
+                           **{k: v for k, v in result.logs.items() if k in PROGRESS_LOGS})
+            else:
+                bar.update(step)
             for cb in callbacks:
                 cb.on_step(step, result)
             if every_steps and step % every_steps == 0 and i < spe and step < total:
                 sums.nll = float(nll_sum)
+                sums.loss, sums.fit = running.tolist()
                 checkpoint(epoch - 1, i, sums)
         sums.nll = float(nll_sum)
+        sums.loss, sums.fit = running.tolist()
         # sharded: the live figures above are rank 0's members; the epoch's are all members'
         loss_m, fit_m, nll_m = comm.mean(torch.tensor(
             [sums.loss, sums.fit, sums.nll], dtype=torch.float64)).tolist()
