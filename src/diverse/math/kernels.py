@@ -212,7 +212,7 @@ def median_heuristic_stein(sq: Tensor) -> Tensor:
     ``k = exp(−d² / (2σ²))``, i.e. ``h = 2σ² = 2 med(d)² = 2 med(d²)``. This is
     ``2 log(M + 1)`` times wider than :func:`median_heuristic` (≈ 11× at ``M = 300``),
     and it is the bandwidth at which SGE/SSGE are accurate on Gaussians (see
-    ``tests/test_scores.py``); with the narrow SVGD-style bandwidth the Stein
+    ``tests/math/test_scores.py``); with the narrow SVGD-style bandwidth the Stein
     estimators are much noisier than the KDE.
     """
     sq = sq.detach()

@@ -381,7 +381,7 @@ def test_registry_and_configs() -> None:
         doc = cfg_cls.__doc__ or ""
         for f in fields:
             assert f"{f.name}:" in doc and str(f.default) in doc, (name, f.name)
-        if name == "custom":  # needs a user factory: built in tests/test_custom_model.py
+        if name == "custom":  # needs a user factory: built in tests/app/test_custom_model.py
             with pytest.raises(UserError, match="expected \"module:function\""):
                 cfg_cls(name=name)
             continue

@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 import torch
+from test_particles import NOISE, PRIOR, linear_regression, particle_weights
 
 from diverse.app.config import load_config
 from diverse.app.train import build_run, train
 from diverse.errors import UserError
 from diverse.math.mcmc import effective_sample_size, split_rhat
 from diverse.nets.samples import base_model, flatten
-from test_particles import NOISE, PRIOR, linear_regression, particle_weights
 
 
 def hmc_run(data, steps, members=8, extra=()):
