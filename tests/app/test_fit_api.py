@@ -21,6 +21,7 @@ from diverse.app.train import predict_trained
 from diverse.errors import UserError
 from diverse.methods.spaces import pca_lengthscales, pca_lengthscales_from_batches
 from diverse.nets.likelihoods import Categorical
+from method_table import ROWS
 
 N, CLASSES = 48, 3
 
@@ -51,26 +52,9 @@ def loader(shuffle: bool = True, batch_size: int = 16) -> DataLoader:
 
 TRAIN = diverse.TrainConfig(epochs=2, lr=0.01, prior_std=1.0, seed=3)
 
-#: name -> (config, train settings[, factory]); every method of the table has a row
-CASES = {
-    "de": (diverse.DeepEnsembleConfig(), TRAIN),
-    "svgd": (diverse.SVGDConfig(), TRAIN),
-    "wgd": (diverse.WGDConfig(estimator="ssge"), TRAIN),
-    "f-svgd": (diverse.SVGDConfig(name="f-svgd", output="logits"), TRAIN),
-    "f-wgd": (diverse.WGDConfig(name="f-wgd"), TRAIN),
-    "forde": (diverse.FoRDEConfig(), TRAIN),
-    "he-cka": (diverse.HECKAConfig(layers=("2", "output"), outliers=4, outlier_pool=16), TRAIN),
-    "svgd-cka": (diverse.SVGDCKAConfig(layers=("2", "output")), TRAIN),
-    "hyper-he-cka": (diverse.HyperHECKAConfig(layers=("2", "output"), z_dim=4, hidden=8,
-                                              predict_members=3), TRAIN),
-    "mutual-bnn": (diverse.MutualBNNConfig(feature_layers=("2",), predict_samples=2), TRAIN),
-    "mc-dropout": (diverse.MCDropoutConfig(predict_samples=3), TRAIN, with_dropout),
-    "vi": (diverse.VIConfig(predict_samples=3), TRAIN),
-    "swag": (diverse.SWAGConfig(swa_start=0.3, swa_frequency=1, rank=2, predict_samples=3), TRAIN),
-    "sghmc": (diverse.SGHMCConfig(burn_in=0.3, cycles=1, predict_samples=2), TRAIN),
-    "laplace": (diverse.LaplaceConfig(predict_samples=3, marglik_steps=5), TRAIN),
-    "hmc": (diverse.HMCConfig(leapfrog_steps=3, warmup=0.5, predict_samples=2), TRAIN),
-}
+#: name -> (config, train settings[, factory]), from the one method table
+CASES = {name: (row.api, TRAIN, *([with_dropout] if row.dropout else []))
+         for name, row in ROWS.items()}
 
 
 def test_the_table_has_a_row_for_every_method():

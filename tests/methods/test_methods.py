@@ -10,26 +10,10 @@ from diverse.errors import UserError
 from diverse.math.annealing import anneal
 from diverse.methods.base import Step
 from diverse.methods.catalog import METHODS
+from method_table import ROWS
 
-METHOD_SETTINGS = {
-    "de": [],
-    "svgd": [],
-    "wgd": ["method.estimator=sge"],
-    "f-svgd": ["method.context_points=8", "method.output=logits"],
-    "f-wgd": ["method.estimator=ssge"],
-    "forde": ["method.lengthscales=pca"],
-    "he-cka": ["method.warmup_steps=5"],
-    "svgd-cka": [],
-    "hyper-he-cka": [],
-    "mutual-bnn": ["method.init_rho=-30", "method.kl_weight=0.01"],  # σ ≈ 0: vmap = loop
-    # p ≈ 0: vmap and loop draw different masks, here all ones
-    "mc-dropout": ["model.dropout=1e-6", "method.predict_samples=2"],
-    "vi": ["method.init_rho=-30", "method.kl_weight=0.01", "method.predict_samples=2"],
-    "swag": ["method.swa_frequency=2", "method.rank=3", "method.predict_samples=2"],
-    "sghmc": ["method.predict_samples=2"],
-    "laplace": ["method.marglik_steps=20", "method.predict_samples=2"],
-    "hmc": ["method.leapfrog_steps=4", "method.predict_samples=2", "method.step_size=0.005"],
-}
+#: the CLI overrides of every method, from the one method table (tests/method_table.py)
+METHOD_SETTINGS = {name: list(row.cli) for name, row in ROWS.items()}
 BASE = ["data.name=digits", "data.train_subset=256", "data.test_subset=200",
         "model.name=mlp", "model.hidden=[16]", "model.activation=tanh", "ensemble.members=3",
         "train.epochs=3", "train.batch_size=32", "train.lr=0.01", "train.prior_std=1.0",

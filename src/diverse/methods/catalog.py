@@ -10,7 +10,7 @@ sampler, shardable, function-space, double-backward, feature-space). Code
 elsewhere asks the table, never a set of names.
 
 Adding a method: its module (config dataclass, builder, hooks), one line here,
-one row in the test table (``tests/app/test_fit_api.py``).
+one row in the test table (``tests/method_table.py``).
 """
 
 from __future__ import annotations
