@@ -452,6 +452,7 @@ def fit(
     fit_name = "acc" if classification else "neg_mse"
     warned = False  # a quiet run warns once on stderr; a verbose one every epoch
     lr = t.lr
+    on_host = device.type == "cpu"
 
     def checkpoint(epoch_done: int, epoch_step: int, partial: _Sums | None) -> None:
         model_t = distributed.gather_tensors(comm, ensemble.state_tensors())
@@ -527,10 +528,16 @@ def fit(
             step += 1
             i += 1
             n_b = len(yb)
-            # the objective and the fit, summed on the device (float64, as the host sums
-            # were) and read when the progress line prints, a checkpoint or the epoch ends
-            running += torch.stack([result.loss.detach().mean().double(),
-                                    like.correct(result.outputs, yb).mean().double()]) * n_b
+            # the objective and the fit, in float64: on an accelerator summed on the device
+            # and read when the progress line prints, a checkpoint or the epoch ends (a
+            # host read would serialize the step); on the CPU a read is free and the
+            # tensor ops are not, so they are summed on the host (the same numbers)
+            if on_host:
+                sums.loss += float(result.loss.mean()) * n_b
+                sums.fit += float(like.correct(result.outputs, yb).mean()) * n_b
+            else:
+                running += torch.stack([result.loss.detach().mean().double(),
+                                        like.correct(result.outputs, yb).mean().double()]) * n_b
             # the data term only
             nll_sum = nll_sum + like.nll(result.outputs, yb).sum() / len(result.outputs)
             sums.count += n_b
@@ -538,7 +545,8 @@ def fit(
             for key, value in result.logs.items():
                 sums.diag[key] = sums.diag.get(key, 0.0) + value
             if bar.due():
-                loss_now, fit_now = (running / sums.count).tolist()
+                totals = (sums.loss, sums.fit) if on_host else running.tolist()
+                loss_now, fit_now = (v / sums.count for v in totals)
                 bar.update(step, epoch=f"{epoch}/{total_epochs}", loss=loss_now,
                            **{fit_name: fit_now},
                            **{k: v for k, v in result.logs.items() if k in PROGRESS_LOGS})
@@ -548,10 +556,12 @@ def fit(
                 cb.on_step(step, result)
             if every_steps and step % every_steps == 0 and i < spe and step < total:
                 sums.nll = float(nll_sum)
-                sums.loss, sums.fit = running.tolist()
+                if not on_host:
+                    sums.loss, sums.fit = running.tolist()
                 checkpoint(epoch - 1, i, sums)
         sums.nll = float(nll_sum)
-        sums.loss, sums.fit = running.tolist()
+        if not on_host:
+            sums.loss, sums.fit = running.tolist()
         # sharded: the live figures above are rank 0's members; the epoch's are all members'
         loss_m, fit_m, nll_m = comm.mean(torch.tensor(
             [sums.loss, sums.fit, sums.nll], dtype=torch.float64)).tolist()
