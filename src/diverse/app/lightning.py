@@ -34,10 +34,10 @@ from diverse.app.config import TrainConfig
 from diverse.app.optim import build_optimizer, schedule_factor
 from diverse.errors import UserError
 from diverse.evaluation.prediction import member_outputs
-from diverse.methods.base import Finish, Step
+from diverse.methods.base import Step
 from diverse.methods.catalog import Method, check_training
 from diverse.nets.ensemble import Ensemble
-from diverse.nets.likelihoods import Likelihood, LikelihoodConfig, build_likelihood
+from diverse.nets.likelihoods import Likelihood, LikelihoodConfig, as_likelihood
 from diverse.nets.samples import Samples
 
 try:
@@ -64,19 +64,14 @@ class DiverseModule(L.LightningModule):
                  likelihood: Likelihood | LikelihoodConfig | str = "categorical",
                  train: TrainConfig | None = None) -> None:
         super().__init__()
-        if ensemble.built_for != method.name and (method.spec.wrap_model is not None
-                                                  or method.spec.generator):
-            raise UserError(f"method {method.name!r} needs its own members: build the ensemble "
-                            "with method.ensemble(factory, members)")
+        method.check_ensemble(ensemble)
         self.automatic_optimization = False
         self.ensemble = ensemble
         self.method = method
         self.n_train = n_train
         self.train_cfg = train if train is not None else TrainConfig()
         check_training(method.name, self.train_cfg.prior_std, self.train_cfg.weight_decay)
-        self.likelihood = (likelihood if not isinstance(likelihood, (str, LikelihoodConfig))
-                           else build_likelihood(LikelihoodConfig(name=likelihood)
-                                                 if isinstance(likelihood, str) else likelihood))
+        self.likelihood = as_likelihood(likelihood)
         # the step counter is state: saved in Lightning's checkpoints with the weights
         self.register_buffer("diverse_step", torch.zeros((), dtype=torch.int64))
         self.samples: Samples | None = None
@@ -138,10 +133,5 @@ class DiverseModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         """A Bayesian baseline's weight samples (``self.samples``)."""
-        if self.method.spec.finalize is None:
-            return
-        with torch.random.fork_rng(devices=[]):
-            skeleton = self.ensemble.base_factory().eval()
-        finish = Finish(skeleton.to(self.ensemble.device), self.train_cfg.seed,
-                        self.train_cfg.prior_std, self.method.data)
-        self.samples = self.method.spec.finalize(self.method.config, self.ensemble, finish)
+        self.samples = self.method.finalize(self.ensemble, self.train_cfg.seed,
+                                            self.train_cfg.prior_std)

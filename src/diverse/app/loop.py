@@ -57,12 +57,12 @@ from diverse.data.augment import crop_and_flip
 from diverse.errors import DivergenceError, UserError
 from diverse.evaluation.prediction import predict
 from diverse.math import metrics
-from diverse.methods.base import Finish, Step, StepResult
+from diverse.methods.base import Step, StepResult
 from diverse.methods.catalog import Method, check_training
 from diverse.nets import distributed, precision
 from diverse.nets.distributed import SINGLE, Comm
 from diverse.nets.ensemble import Ensemble
-from diverse.nets.likelihoods import Likelihood, LikelihoodConfig, build_likelihood
+from diverse.nets.likelihoods import Likelihood, LikelihoodConfig, as_likelihood
 from diverse.nets.samples import Samples, save_samples
 from diverse.progress import Progress
 
@@ -380,15 +380,8 @@ def fit(
     t = train if train is not None else TrainConfig()
     comm = distributed.current() if comm is None else comm
     lead = comm.rank == 0  # writes checkpoints, logs and progress
-    like = likelihood if not isinstance(likelihood, (str, LikelihoodConfig)) else \
-        build_likelihood(LikelihoodConfig(name=likelihood) if isinstance(likelihood, str)
-                         else likelihood)
-    if ensemble.built_for != method.name:
-        if method.spec.wrap_model is not None or method.spec.generator:
-            built = (f"for {ensemble.built_for!r}" if ensemble.built_for else "directly")
-            raise UserError(f"method {method.name!r} needs its own members: build the ensemble "
-                            f"with method.ensemble(factory, members) (this one was built "
-                            f"{built})")
+    like = as_likelihood(likelihood)
+    method.check_ensemble(ensemble)
     check_training(method.name, t.prior_std, t.weight_decay)
     if n_train < 1:
         raise UserError(f"n_train = {n_train}: must be the training-set size (>= 1)")
@@ -600,11 +593,8 @@ def fit(
     bar.close()
     tracker.close()
     result = FitResult(history)
-    if method.spec.finalize is not None:  # Bayesian baselines end in weight samples
-        with torch.random.fork_rng(devices=[]):
-            skeleton = ensemble.base_factory().eval()
-        finish = Finish(skeleton.to(device), t.seed, t.prior_std, method.data)
-        result.samples = method.spec.finalize(method.config, ensemble, finish)
+    result.samples = method.finalize(ensemble, t.seed, t.prior_std)  # Bayesian baselines
+    if result.samples is not None:
         if lead and run_path is not None:
             save_samples(run_path, result.samples, method.name, record_cfg)
     for cb in callbacks:

@@ -76,13 +76,11 @@ def predict_trained(method: Method, likelihood: Likelihood, ensemble: Ensemble,
     """:func:`predict` with the method's Monte Carlo draws per member.
 
     With weight samples (a Bayesian baseline after training) the prediction goes
-    through them instead, on the plain model ``ensemble.base_factory()``:
+    through them instead, on the plain model (:meth:`Ensemble.plain_model`):
     ``(S, N, ...)``, draw-major (:mod:`diverse.nets.samples`).
     """
     if samples is not None:
-        with torch.random.fork_rng(devices=[]):
-            skeleton = ensemble.base_factory().eval()
-        return sample_set.predict(skeleton, samples, likelihood, x, batch_size)
+        return sample_set.predict(ensemble.plain_model(), samples, likelihood, x, batch_size)
     return predict(ensemble, likelihood, x, batch_size, samples=method.prediction_draws())
 
 

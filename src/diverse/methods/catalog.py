@@ -221,6 +221,23 @@ class Method:
         ens.built_for = self.name
         return ens
 
+    def check_ensemble(self, ensemble: Ensemble) -> None:
+        """UserError unless ``ensemble`` can train with this method: a method that wraps
+        its members (or generates them) needs the ensemble :meth:`ensemble` made."""
+        needs_own = self.spec.wrap_model is not None or self.spec.generator
+        if needs_own and ensemble.built_for != self.name:
+            built = f"for {ensemble.built_for!r}" if ensemble.built_for else "directly"
+            raise UserError(f"method {self.name!r} needs its own members: build the ensemble "
+                            f"with method.ensemble(factory, members) (this one was built "
+                            f"{built})")
+
+    def finalize(self, ensemble: Ensemble, seed: int, prior_std: float) -> Samples | None:
+        """The weight samples of a Bayesian baseline after training (None for the others)."""
+        if self.spec.finalize is None:
+            return None
+        finish = Finish(ensemble.plain_model(), seed, prior_std, self.data)
+        return self.spec.finalize(self.config, ensemble, finish)
+
     def prediction_draws(self) -> int:
         """Forwards per member at prediction: ``predict_samples`` for a Monte Carlo
         method (and a weight-sample method before its samples exist), else 1."""

@@ -289,6 +289,13 @@ class Ensemble(nn.Module):
         self.module.train(mode)
         return self
 
+    def plain_model(self) -> nn.Module:
+        """A fresh plain member (``base_factory()``, no method wrapper) on this device, in
+        eval mode, built under a forked RNG so building it never shifts a run's stream;
+        weight samples give it its weights."""
+        with torch.random.fork_rng(devices=[]):
+            return self.base_factory().eval().to(self.device)
+
     @property
     def device(self) -> torch.device:
         return next(iter(self.params.values())).device

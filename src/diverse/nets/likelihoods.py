@@ -113,6 +113,15 @@ class Gaussian:
 Likelihood = Categorical | Gaussian
 
 
+def as_likelihood(likelihood: Likelihood | LikelihoodConfig | str) -> Likelihood:
+    """A likelihood from its name (``"categorical"``, ``"gaussian"``), a config, or as built."""
+    if isinstance(likelihood, str):
+        return build_likelihood(LikelihoodConfig(name=likelihood))
+    if isinstance(likelihood, LikelihoodConfig):
+        return build_likelihood(likelihood)
+    return likelihood
+
+
 def build_likelihood(cfg: LikelihoodConfig) -> Likelihood:
     """The likelihood named by ``cfg.name``."""
     if cfg.name == "categorical":
