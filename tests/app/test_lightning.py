@@ -86,6 +86,10 @@ def test_bayesian_baselines_train_validate_and_draw_samples_under_the_trainer(co
     assert torch.isfinite(logged["val_nll"])
     predictions = quietly(lambda: run.predict(module, loader()))
     assert predictions[0]["probs"].shape[1:] == (20, CLASSES)
+    if method.name != "mc-dropout":  # deterministic members: the logged figure recomputes
+        probs = torch.cat([p["probs"] for p in predictions], dim=1).double().mean(0)
+        accuracy = (probs.argmax(1) == data()[1]).double().mean()
+        torch.testing.assert_close(logged["val_accuracy"].double(), accuracy)
 
 
 def test_an_enclosing_module_sees_the_ensembles_parameters():
@@ -95,3 +99,22 @@ def test_an_enclosing_module_sees_the_ensembles_parameters():
     assert stacked["ensemble.stacked.1.weight"].shape == (4, 10, 64)
     assert sum(p.numel() for p in module.parameters()) == 4 * sum(
         p.numel() for p in net().parameters())
+
+
+@pytest.mark.parametrize("config", [
+    diverse.SWAGConfig(swa_start=0.3, swa_frequency=1, rank=2, predict_samples=3),
+    diverse.LaplaceConfig(predict_samples=2, marglik_steps=5),
+], ids=["swag", "laplace"])
+def test_the_trainers_weight_samples_equal_fits(config):
+    """The collection and the finalizer see the same steps under both loops."""
+    method = diverse.build_method(config, diverse.TrainingData(batches=loader()))
+    ours = method.ensemble(_no_dropout, 2, seed=4)
+    expected = diverse.fit(ours, method, loader(), n_train=N, train=TRAIN,
+                           show_progress=False).samples
+    module = DiverseModule(method.ensemble(_no_dropout, 2, seed=4), method, n_train=N,
+                           train=TRAIN)
+    quietly(lambda: trainer(TRAIN.epochs).fit(module, loader()))
+    assert module.samples.params.keys() == expected.params.keys()
+    for key, value in expected.params.items():
+        torch.testing.assert_close(module.samples.params[key], value, rtol=1e-5, atol=1e-6)
+    assert torch.equal(module.samples.member, expected.member)
