@@ -62,7 +62,12 @@ from diverse.methods.catalog import Method, check_training
 from diverse.nets import distributed, precision
 from diverse.nets.distributed import SINGLE, Comm
 from diverse.nets.ensemble import Ensemble
-from diverse.nets.likelihoods import Likelihood, LikelihoodConfig, as_likelihood
+from diverse.nets.likelihoods import (
+    Likelihood,
+    LikelihoodConfig,
+    as_likelihood,
+    likelihood_config,
+)
 from diverse.nets.samples import Samples, save_samples
 from diverse.progress import Progress
 
@@ -251,20 +256,12 @@ def factory_reference(factory: Callable[[], Any]) -> dict[str, str | None]:
     return {"factory": f"{module}:{qualname}", "file": file}
 
 
-def likelihood_config(likelihood: Likelihood) -> LikelihoodConfig:
-    """The config of a built likelihood (to save it with a run)."""
-    if likelihood.task == "classification":
-        return LikelihoodConfig(name="categorical")
-    return LikelihoodConfig(name="gaussian", noise_std=likelihood.noise_std,  # type: ignore
-                            learn_noise=likelihood.learn_noise)  # type: ignore[attr-defined]
-
-
 def write_model_spec(run_dir: Path, method: Method, ensemble: Ensemble, likelihood: Likelihood,
                      input_shape: tuple[int, ...], outputs: int,
                      normalization: tuple[Sequence[float], Sequence[float]] | None) -> None:
     """``RUN/model.json`` and ``RUN/data.json`` of a Python-API run (atomic)."""
     from diverse.checkpoint import atomic_write_json
-    from diverse.data.datasets import DATA_SPEC_FILE
+    from diverse.data.datasets import DataSpec, write_data_spec
 
     members = ensemble.members
     if method.spec.generator:
@@ -276,10 +273,9 @@ def write_model_spec(run_dir: Path, method: Method, ensemble: Ensemble, likeliho
         "members": members, "seed": ensemble.seed, "execution": ensemble.execution,
         "likelihood": dataclasses.asdict(likelihood_config(likelihood)),
         **factory_reference(ensemble.base_factory)})
-    atomic_write_json(run_dir / DATA_SPEC_FILE, {
-        "name": "custom", "task": likelihood.task, "input_shape": list(input_shape),
-        "num_outputs": outputs, "mean": [float(v) for v in mean],
-        "std": [float(v) for v in std]})
+    write_data_spec(run_dir, DataSpec("custom", likelihood.task, tuple(input_shape), outputs,
+                                      tuple(float(v) for v in mean),
+                                      tuple(float(v) for v in std)))
 
 
 # ---------------------------------------------------------------- the loop

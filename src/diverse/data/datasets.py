@@ -692,10 +692,11 @@ def data_spec(dataset: Dataset) -> DataSpec:
                     tuple(dataset.mean), tuple(dataset.std))
 
 
-def write_data_spec(run_dir: Path, dataset: Dataset) -> None:
+def write_data_spec(run_dir: Path, dataset: Dataset | DataSpec) -> None:
     """``RUN/data.json``: the :class:`DataSpec` of the training data (atomic)."""
+    spec = dataset if isinstance(dataset, DataSpec) else data_spec(dataset)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    atomic_write_json(Path(run_dir) / DATA_SPEC_FILE, dataclasses.asdict(data_spec(dataset)))
+    atomic_write_json(Path(run_dir) / DATA_SPEC_FILE, dataclasses.asdict(spec))
 
 
 def read_data_spec(run_dir: Path) -> DataSpec | None:

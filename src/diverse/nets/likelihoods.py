@@ -113,6 +113,14 @@ class Gaussian:
 Likelihood = Categorical | Gaussian
 
 
+def likelihood_config(likelihood: Likelihood) -> LikelihoodConfig:
+    """The config of a built likelihood (saved with a run, rebuilt by :func:`build_likelihood`)."""
+    if isinstance(likelihood, Gaussian):
+        return LikelihoodConfig(name="gaussian", noise_std=likelihood.noise_std,
+                                learn_noise=likelihood.learn_noise)
+    return LikelihoodConfig(name="categorical")
+
+
 def as_likelihood(likelihood: Likelihood | LikelihoodConfig | str) -> Likelihood:
     """A likelihood from its name (``"categorical"``, ``"gaussian"``), a config, or as built."""
     if isinstance(likelihood, str):
