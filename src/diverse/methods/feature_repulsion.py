@@ -396,7 +396,8 @@ def build_hyper_he_cka(cfg: HECKAConfig, data: TrainingData | None = None
         own = {k: v[0] for k, v in ens.params.items()}
         layers, weights = layers_of(hyper.target)
         k = hyper.cfg.train_members
-        z = torch.randn(k, hyper.cfg.z_dim, device=step.x.device)
+        first = next(iter(own.values()))  # codes in the parameters' dtype (float64 works too)
+        z = torch.randn(k, hyper.cfg.z_dim, device=first.device, dtype=first.dtype)
         n_in = len(step.x)
         x = step.x if source is None else torch.cat([step.x, source(step.x.device)])
         modules = [layer for layer in layers if layer != OUTPUT]
