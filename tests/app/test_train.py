@@ -143,6 +143,44 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(tmp
     assert load_checkpoint(tmp_path)[2]["epoch"] == 1
 
 
+def test_accelerator_path_defers_the_checks_yet_names_the_step(tmp_path, monkeypatch):
+    # the accelerator's path (figures kept on the device, read at sync points), on the CPU
+    from diverse.app import loop
+
+    monkeypatch.setattr(loop, "HOST_READS_EVERY_STEP", False)
+    run = make_run()
+    update = run.update
+    calls = {"n": 0}
+
+    def poisoned(step):
+        calls["n"] += 1
+        result = update(step)
+        if calls["n"] >= run.steps_per_epoch + 3:  # from here on (the parameters go NaN)
+            result.loss[1] = float("nan")
+        return result
+
+    run.update = poisoned
+    with pytest.raises(DivergenceError, match=r"epoch 2 step 3 \(global step 8\)"):
+        train(run, tmp_path, show_progress=False)
+    assert calls["n"] == 2 * run.steps_per_epoch  # read at the epoch's end, not at once
+    assert load_checkpoint(tmp_path)[2]["epoch"] == 1  # the last good one, never a bad one
+
+
+def test_accelerator_path_keeps_the_same_history(tmp_path, monkeypatch):
+    from diverse.app import loop
+
+    histories = []
+    for host in (True, False):
+        monkeypatch.setattr(loop, "HOST_READS_EVERY_STEP", host)
+        run = make_run("method.name=svgd")
+        histories.append(train(run, tmp_path / str(host), show_progress=False))
+    for on_host, on_device in zip(*histories, strict=True):
+        assert on_host.keys() == on_device.keys()
+        for key, value in on_host.items():
+            if key != "seconds" and isinstance(value, float):
+                assert on_device[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
+
+
 def test_kill_9_mid_epoch_then_cli_resume_matches_uninterrupted_run(tmp_path):
     cfg = tmp_path / "cfg.toml"
     cfg.write_text('[data]\nname = "digits"\n[model]\nname = "mlp"\nhidden = [128, 128]\n'

@@ -68,6 +68,48 @@ def test_sq_dists_centring_keeps_float32_accurate_far_from_origin() -> None:
     assert rel_naive >= 0.5, rel_naive
 
 
+def test_gram_of_leaves_equals_the_flattened_gram_in_blocks() -> None:
+    # three leaves, one wide enough for the column-block path (n > 8192) with a remainder
+    leaves = [_points(5, 3, 4, seed=4), _points(5, 9001, seed=5), _points(5, 7, seed=6)]
+    flat = torch.cat([v.reshape(5, -1) for v in leaves], 1)
+    torch.testing.assert_close(kn.gram(leaves, centre=False), flat @ flat.T,
+                               rtol=1e-12, atol=1e-10)
+    centred = flat - flat.mean(0)
+    torch.testing.assert_close(kn.gram(leaves, centre=True), centred @ centred.T,
+                               rtol=1e-12, atol=1e-10)
+    sq = kn.sq_dists_from_gram(kn.gram(leaves))
+    torch.testing.assert_close(sq, kn.sq_dists(flat), rtol=1e-11, atol=1e-9)
+    assert torch.all(sq.diagonal() == 0)
+
+
+def test_gram_recentres_concentrated_float32_particles() -> None:
+    # the same far-from-origin, concentrated particles as above, split in two leaves:
+    # the automatic choice centres them, so float32 distances stay accurate
+    x64 = 1e3 + 0.1 * _points(6, 1000, seed=3)
+    truth = ((x64[:, None] - x64[None]) ** 2).sum(-1)
+    x32 = x64.float()
+    sq = kn.sq_dists_from_gram(kn.gram([x32[:, :400], x32[:, 400:]]))
+    off = ~torch.eye(6, dtype=torch.bool)
+    rel = ((sq - truth)[off].abs() / truth[off]).max().item()
+    assert rel < 1e-4, rel
+    plain = kn.sq_dists_from_gram(kn.gram([x32[:, :400], x32[:, 400:]], centre=False))
+    assert ((plain - truth)[off].abs() / truth[off]).max().item() > 0.5  # the guard matters
+
+
+@pytest.mark.parametrize("name", ["rbf", "laplace", "imq"])
+def test_grad_sum_operators_apply_the_materialized_sums(name: str) -> None:
+    x = _points(6, 3, seed=8)
+    h = kn.resolve_bandwidth(kn.median_heuristic, kn.sq_dists(x))
+    k, w = kn.kernel_and_weights(name, kn.sq_dists(x), h)
+    first_op, second_op = kn.grad_sum_operators(w)
+    _, grad = kn.KERNELS[name](x, x, h)  # grad[i, j] = ∇_{x_i} k(x_i, x_j)
+    torch.testing.assert_close(k, kn.KERNELS[name](x, x, h)[0])
+    torch.testing.assert_close(first_op @ x, grad.sum(1))
+    torch.testing.assert_close(second_op @ x, grad.sum(0))  # Σ_j ∇_{x_j} k(x_j, x_i)
+    torch.testing.assert_close(first_op.sum(-1), torch.zeros(6, dtype=torch.float64))
+    torch.testing.assert_close(second_op.sum(-1), torch.zeros(6, dtype=torch.float64))
+
+
 # --------------------------------------------------------------------------- bandwidths
 
 

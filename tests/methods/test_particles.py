@@ -11,15 +11,21 @@ from diverse.data.datasets import Dataset
 from diverse.errors import UserError
 from diverse.methods.base import DeepEnsembleConfig, Step, deep_ensemble
 from diverse.methods.forde import forde_repulsion
+from diverse.math import kernels
 from diverse.methods.particles import (
     SVGDConfig,
     WGDConfig,
     function_space,
+    leaf_norms,
+    leaf_update,
+    on_points,
     svgd_direction,
+    svgd_interaction,
     wgd_direction,
+    wgd_interaction,
 )
 from diverse.methods.spaces import input_gradients, pca_lengthscales
-from diverse.nets.ensemble import Ensemble
+from diverse.nets.ensemble import Ensemble, flatten_params
 from diverse.nets.likelihoods import Categorical
 
 NOISE, PRIOR = 0.5, 1.0
@@ -215,3 +221,27 @@ def test_f_svgd_refuses_softmax_outputs():
     with pytest.raises(UserError, match="f-svgd needs output = \"logits\""):
         build_run(load_config(None, ["data.name=digits", "method.name=f-svgd",
                                      "method.output=softmax"]))
+
+
+@pytest.mark.parametrize("cfg", [SVGDConfig(), SVGDConfig(kernel="imq"),
+                                 WGDConfig(estimator="kde", kernel="laplace"),
+                                 WGDConfig(estimator="sge"),
+                                 WGDConfig(estimator="ssge", num_eigen=3)],
+                         ids=["svgd", "svgd-imq", "wgd-kde-laplace", "wgd-sge", "wgd-ssge"])
+def test_the_update_on_leaves_equals_the_update_on_flattened_particles(cfg):
+    gen = torch.Generator().manual_seed(3)
+    leaves = {"w": torch.randn(5, 3, 4, generator=gen, dtype=torch.float64),
+              "b": torch.randn(5, 7, generator=gen, dtype=torch.float64)}
+    grads = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64)
+             for k, v in leaves.items()}
+    interactor = (wgd_interaction if isinstance(cfg, WGDConfig) else svgd_interaction)(cfg)
+    gram = kernels.gram(leaves.values())
+    it = interactor(kernels.sq_dists_from_gram(gram), 0.7, 0.2)
+    mixes = not isinstance(it.drive, float)
+    got = leaf_update(it, {k: g.clone() for k, g in grads.items()}, leaves,
+                      grads if mixes else None)
+    phi, logs = on_points(interactor)(flatten_params(leaves), -flatten_params(grads), 0.7, 0.2)
+    torch.testing.assert_close(flatten_params(got), -phi, rtol=1e-12, atol=1e-12)
+    driving, repulsion = leaf_norms(it, kernels.gram(grads.values(), centre=False), gram)
+    torch.testing.assert_close(driving.mean(), logs["driving_norm"])
+    torch.testing.assert_close(repulsion.mean(), logs["repulsion_norm"])

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from update_reference import CASES, compute, load
 
 STORED, META = load()

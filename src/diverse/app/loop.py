@@ -72,6 +72,11 @@ from diverse.nets.samples import Samples, save_samples
 from diverse.progress import Progress
 
 PROGRESS_LOGS = ("driving_over_repulsion", "disagreement")  # method diagnostics shown live
+#: Read the step's figures on the host every step? ``None``: on the CPU, where a read
+#: is free (and small tensor ops are not), but not on an accelerator, where it would
+#: serialize the step; there finiteness, sums and diagnostics stay on the device until
+#: the next sync point. Tests set ``False`` to run the accelerator path on the CPU.
+HOST_READS_EVERY_STEP: bool | None = None
 
 Batches = Iterable[tuple[Tensor, Tensor]]
 
@@ -296,6 +301,55 @@ def _set_rng(tensors: dict[str, Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(tensors[CUDA_RNG_KEY].to(torch.uint8).cpu(), device)
 
 
+class _Divergence:
+    """The training stop at the first non-finite loss or update, naming its step.
+
+    On the CPU a host read is free: every step is checked as it happens. On an
+    accelerator a read would serialize the step, so the first bad global step is
+    recorded on the device and read at the loop's sync points (the progress
+    line, a checkpoint, the epoch's end): the stop still names the step, and a
+    checkpoint is only written after a check, so none holds non-finite values.
+    """
+
+    def __init__(self, device: torch.device, comm: Comm, step: int,
+                 kept: Callable[[], str], deferred: bool | None = None) -> None:
+        self.deferred = device.type != "cpu" if deferred is None else deferred
+        self.comm = comm
+        self.kept = kept  # what is kept, said in the message
+        if self.deferred:
+            self.step = torch.full((), step, dtype=torch.long, device=device)
+            self.first = torch.full((), -1, dtype=torch.long, device=device)
+            self.grads_bad = torch.zeros((), dtype=torch.bool, device=device)
+
+    def record(self, result: StepResult, step: int, spe: int) -> None:
+        """Check (CPU) or record (accelerator) this step's loss and update."""
+        loss_ok = torch.isfinite(result.loss).all()
+        grads = list((result.grads or {}).values())
+        grads_ok = (torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads
+                    else torch.ones_like(loss_ok))
+        if not self.deferred:
+            if self.comm.any(not bool(loss_ok & grads_ok)):
+                self._raise(step, spe, not bool(grads_ok))
+            return
+        newly = ~(loss_ok & grads_ok) & (self.first < 0)
+        self.first = torch.where(newly, self.step, self.first)
+        self.grads_bad = torch.where(newly, ~grads_ok, self.grads_bad)
+        self.step += 1
+
+    def check(self, spe: int) -> None:
+        """Raise if a recorded step was non-finite (a host read on an accelerator)."""
+        if not self.deferred:
+            return
+        first = int(self.first)
+        if self.comm.any(first >= 0):
+            self._raise(max(first, 0), spe, bool(self.grads_bad))
+
+    def _raise(self, step: int, spe: int, grads_bad: bool) -> None:
+        what = "update (gradient)" if grads_bad else "loss"
+        raise DivergenceError(f"non-finite {what} at epoch {step // spe + 1} step "
+                              f"{step % spe + 1} (global step {step + 1}); {self.kept()}")
+
+
 @dataclass
 class _Sums:
     """The running sums of one epoch (saved in a mid-epoch checkpoint)."""
@@ -306,6 +360,13 @@ class _Sums:
     steps: int = 0
     nll: float = 0.0
     diag: dict[str, float] = field(default_factory=dict)
+
+
+def _read_diagnostics(on_device: dict[str, Tensor], sums: _Sums) -> None:
+    """Move the diagnostics summed on an accelerator into the epoch's host sums."""
+    for key, value in on_device.items():
+        sums.diag[key] = sums.diag.get(key, 0.0) + float(value)
+    on_device.clear()
 
 
 def fit(
@@ -441,7 +502,14 @@ def fit(
     fit_name = "acc" if classification else "neg_mse"
     warned = False  # a quiet run warns once on stderr; a verbose one every epoch
     lr = t.lr
-    on_host = device.type == "cpu"
+    on_host = device.type == "cpu" if HOST_READS_EVERY_STEP is None else HOST_READS_EVERY_STEP
+
+    def kept() -> str:
+        latest = None if run_path is None else run_path / "checkpoints" / "latest.json"
+        return (f"the last good checkpoint is in {latest.parent}"
+                if latest is not None and latest.is_file() else "no checkpoint was written yet")
+
+    divergence = _Divergence(device, comm, step, kept, deferred=not on_host)
 
     def checkpoint(epoch_done: int, epoch_step: int, partial: _Sums | None) -> None:
         model_t = distributed.gather_tensors(comm, ensemble.state_tensors())
@@ -474,6 +542,7 @@ def fit(
         if not skip:
             sums = _Sums()
         nll_sum = torch.tensor(sums.nll, device=device)
+        diag_device: dict[str, Tensor] = {}  # an accelerator's diagnostics since the last read
         running = torch.tensor([sums.loss, sums.fit], dtype=torch.float64, device=device)
         batches = iter(train_batches)
         for _ in range(skip):  # resumed mid-epoch: draw the consumed batches again
@@ -494,19 +563,7 @@ def fit(
             result = method.update(Step(ensemble, xb, yb, like, n_train, t.prior_std,
                                         step / total, step, comm=comm))
             grads = result.grads
-            # one host read per step for finiteness (the stop still names the step)
-            checks = [torch.isfinite(result.loss).all()]
-            checks += [torch.isfinite(g).all() for g in (grads or {}).values()]
-            if comm.any(not bool(torch.stack(checks).all())):
-                finite_grads = all(bool(c) for c in checks[1:])
-                what = "loss" if finite_grads else "update (gradient)"
-                kept = ("the last good checkpoint is in " + str(run_path / "checkpoints")
-                        if run_path is not None
-                        and (run_path / "checkpoints" / "latest.json").is_file()
-                        else "no checkpoint was written yet")
-                raise DivergenceError(
-                    f"non-finite {what} at epoch {epoch} step {i + 1} (global step {step + 1}); "
-                    f"{kept}")
+            divergence.record(result, step, spe)
             if step == 0 and lead and run_path is not None and run_record is None:
                 write_model_spec(run_path, method, ensemble, like, tuple(xb.shape[1:]),
                                  int(result.outputs.shape[-1]), normalization)
@@ -531,26 +588,35 @@ def fit(
             nll_sum = nll_sum + like.nll(result.outputs, yb).sum() / len(result.outputs)
             sums.count += n_b
             sums.steps += 1
-            for key, value in result.logs.items():
-                sums.diag[key] = sums.diag.get(key, 0.0) + value
+            for key, value in result.logs.items():  # floats or 0-dim tensors
+                if on_host or not isinstance(value, Tensor):
+                    sums.diag[key] = sums.diag.get(key, 0.0) + float(value)
+                else:
+                    diag_device[key] = diag_device.get(key, 0.0) + value.detach()
             if bar.due():
+                divergence.check(spe)
                 totals = (sums.loss, sums.fit) if on_host else running.tolist()
                 loss_now, fit_now = (v / sums.count for v in totals)
                 bar.update(step, epoch=f"{epoch}/{total_epochs}", loss=loss_now,
                            **{fit_name: fit_now},
-                           **{k: v for k, v in result.logs.items() if k in PROGRESS_LOGS})
+                           **{k: float(v) for k, v in result.logs.items()
+                              if k in PROGRESS_LOGS})
             else:
                 bar.update(step)
             for cb in callbacks:
                 cb.on_step(step, result)
             if every_steps and step % every_steps == 0 and i < spe and step < total:
+                divergence.check(spe)
                 sums.nll = float(nll_sum)
                 if not on_host:
                     sums.loss, sums.fit = running.tolist()
+                    _read_diagnostics(diag_device, sums)
                 checkpoint(epoch - 1, i, sums)
+        divergence.check(spe)
         sums.nll = float(nll_sum)
         if not on_host:
             sums.loss, sums.fit = running.tolist()
+            _read_diagnostics(diag_device, sums)
         # sharded: the live figures above are rank 0's members; the epoch's are all members'
         loss_m, fit_m, nll_m = comm.mean(torch.tensor(
             [sums.loss, sums.fit, sums.nll], dtype=torch.float64)).tolist()

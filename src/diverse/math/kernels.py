@@ -31,7 +31,7 @@ AaltoPML/FoRDE); Liu & Wang, "Stein variational gradient descent" (2016).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -39,7 +39,10 @@ from torch import Tensor
 __all__ = [
     "KERNELS",
     "Bandwidth",
+    "grad_sum_operators",
+    "gram",
     "imq",
+    "kernel_and_weights",
     "kernel_grad_sums",
     "kernel_matrix",
     "laplace",
@@ -51,6 +54,7 @@ __all__ = [
     "rbf",
     "resolve_bandwidth",
     "sq_dists",
+    "sq_dists_from_gram",
 ]
 
 Bandwidth = float | Tensor | Callable[[Tensor], Tensor]
@@ -89,6 +93,70 @@ def sq_dists(x: Tensor, y: Tensor | None = None) -> Tensor:
         eye = torch.eye(m, dtype=torch.bool, device=x.device)
         sq = sq.masked_fill(eye, 0.0)
     return sq
+
+
+def gram(leaves: Iterable[Tensor], centre: bool | None = None) -> Tensor:
+    """The Gram matrix ``G = Σ_l X_l X_lᵀ`` of particles stored as several leaves.
+
+    Args:
+        leaves: tensors ``(M, ...)`` with the particle axis first — e.g. the
+            stacked parameters of an ensemble, one tensor per layer. Particle
+            ``i`` is the concatenation of every leaf's row ``i``; no
+            concatenated ``(M, D)`` copy is made.
+        centre: ``None`` (default) as below; ``False``: the plain Gram of the
+            points (e.g. for their norms); ``True``: the Gram of the centred points.
+
+    Returns:
+        ``(M, M)`` in float64: each leaf's product is taken in the leaf's dtype
+        (one read of the leaf) and accumulated in float64.
+
+    Precision. ``‖x_i − x_j‖² = G_ii + G_jj − 2 G_ij`` cancels when the particles
+    sit far from the origin relative to their spread (independently initialized
+    networks do not: their spread is their norm). When the spread is below
+    1/1000 of the mean squared norm, ``G`` is recomputed from the centred
+    leaves ``X_l − mean(X_l)`` (translation leaves the distances unchanged), as
+    :func:`sq_dists` always does. On an accelerator the leaves are always
+    centred (an extra pass is cheap there, a host read to decide is not).
+    """
+    leaves = [v.reshape(v.shape[0], -1) for v in leaves]
+    if not leaves:
+        raise ValueError("gram needs at least one leaf")
+    if centre is None and leaves[0].device.type != "cpu":
+        centre = True
+    if not centre:
+        g = sum(_leaf_gram(v) for v in leaves)
+        if centre is False:
+            return g
+        spread = g.diagonal().mean() - g.mean()  # tr(J G J)/M: mean squared distance to the mean
+        if g.shape[0] < 2 or float(spread) >= 1e-3 * float(g.diagonal().mean()):
+            return g
+    return sum(_leaf_gram(v - v.mean(0, keepdim=True)) for v in leaves)
+
+
+def _leaf_gram(v: Tensor) -> Tensor:
+    """``v vᵀ`` in float64 for ``v (M, n)``. A single ``(M, n) @ (n, M)`` product with
+    ``n ≫ M`` runs on one core in MKL (measured 1.7 ms for 10 × 156,800 on 2 cores);
+    split into column blocks as one batched product it runs on all (0.46 ms)."""
+    m, n = v.shape
+    blocks = min(16, n // 4096)
+    if blocks < 2:
+        return (v @ v.mT).to(torch.float64)
+    width = n // blocks
+    main = v[:, :blocks * width].reshape(m, blocks, width).transpose(0, 1)  # a view
+    g = torch.bmm(main, main.transpose(1, 2)).to(torch.float64).sum(0)
+    if blocks * width < n:
+        rest = v[:, blocks * width:]
+        g = g + (rest @ rest.mT).to(torch.float64)
+    return g
+
+
+def sq_dists_from_gram(g: Tensor) -> Tensor:
+    """``d²_ij = G_ii + G_jj − 2 G_ij`` from a Gram matrix ``(..., M, M)``, clamped at 0,
+    with an exact zero diagonal (as :func:`sq_dists` of one set)."""
+    diag = g.diagonal(dim1=-2, dim2=-1)
+    sq = (diag.unsqueeze(-1) + diag.unsqueeze(-2) - 2.0 * g).clamp_min(0.0)
+    eye = torch.eye(g.shape[-1], dtype=torch.bool, device=g.device)
+    return sq.masked_fill(eye, 0.0)
 
 
 # --------------------------------------------------------------------------- bandwidths
@@ -370,6 +438,30 @@ def kernel_from_sq(name: str, sq: Tensor, h: Tensor, **kwargs: float) -> Tensor:
     return _profile(name)(sq, h, **kwargs)[0]
 
 
+def kernel_and_weights(name: str, sq: Tensor, h: Tensor, **kwargs: float
+                       ) -> tuple[Tensor, Tensor]:
+    """``(K, W)`` from squared distances ``(..., M, N)`` and a resolved bandwidth:
+    ``K_ij = f(d²_ij)`` and ``W_ij = 2 f'(d²_ij)``, so that
+    ``∇_{x_i} k(x_i, y_j) = W_ij (x_i − y_j)``."""
+    return _profile(name)(sq, h, **kwargs)
+
+
+def grad_sum_operators(w: Tensor) -> tuple[Tensor, Tensor]:
+    """The two kernel-gradient sums of a particle set as ``(M, M)`` operators.
+
+    With ``∇_x k(x, y) = W (x − y)`` (``w`` from :func:`kernel_and_weights` on the
+    particles' own distances), for particles ``x (..., M, D)``:
+    ``Σ_j ∇_{x_i} k(x_i, x_j) = (F x)_i`` with ``F = diag(W 1) − W``, and
+    ``Σ_j ∇_{x_j} k(x_j, x_i) = (S x)_i`` with ``S = Wᵀ − diag(Wᵀ 1)``.
+    Both annihilate constants (``F 1 = S 1 = 0``), so they may be applied to the
+    centred particles or to the particles themselves. Returns ``(F, S)``, each
+    ``(..., M, M)`` in ``w``'s dtype. Applying them leaf by leaf
+    (``F @ X_l``) gives the sums without ever concatenating the particles.
+    """
+    wt = w.mT
+    return torch.diag_embed(w.sum(-1)) - w, wt - torch.diag_embed(wt.sum(-1))
+
+
 def kernel_grad_sums(
     name: str, x: Tensor, h: Bandwidth = median_heuristic, *, sq: Tensor | None = None,
     need: tuple[str, ...] = ("first", "second"), **kwargs: float
@@ -399,10 +491,10 @@ def kernel_grad_sums(
     """
     sq = sq_dists(x) if sq is None else sq
     k, w = _profile(name)(sq, resolve_bandwidth(h, sq), **kwargs)
-    w = w.to(x.dtype)
-    # centring (translation invariance) keeps x ⊙ (W 1) and W x from cancelling badly
+    first_op, second_op = grad_sum_operators(w)
+    # centring (translation invariance) keeps the two terms of each operator row from
+    # cancelling badly on particles far from the origin
     xc = x - x.mean(dim=-2, keepdim=True)
-    sum_first = xc * w.sum(-1, keepdim=True) - w @ xc if "first" in need else None
-    wt = w.mT
-    sum_second = wt @ xc - xc * wt.sum(-1, keepdim=True) if "second" in need else None
+    sum_first = first_op.to(x.dtype) @ xc if "first" in need else None
+    sum_second = second_op.to(x.dtype) @ xc if "second" in need else None
     return k, sum_first, sum_second

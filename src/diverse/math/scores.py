@@ -38,14 +38,16 @@ from torch import Tensor
 
 from diverse.math.kernels import (
     Bandwidth,
-    kernel_grad_sums,
+    grad_sum_operators,
+    kernel_and_weights,
     kernel_matrix,
     median_heuristic,
     resolve_bandwidth,
     sq_dists,
 )
 
-__all__ = ["SCORE_ESTIMATORS", "kde_score", "sge_score", "ssge_score"]
+__all__ = ["SCORE_ESTIMATORS", "SCORE_OPERATORS", "kde_operator", "kde_score", "sge_operator",
+           "sge_score", "ssge_operator", "ssge_score"]
 
 
 def _eye_like(k: Tensor, dtype: torch.dtype) -> Tensor:
@@ -77,8 +79,9 @@ def kde_score(x: Tensor, h: Bandwidth = median_heuristic, kernel: str = "rbf",
         towards 0 (for an RBF kernel and Gaussian ``ρ = N(μ, Σ)`` it tends to
         ``−(Σ + h/2 I)⁻¹ (x − μ)``).
     """
-    k, sum_first, _ = kernel_grad_sums(kernel, x, h, sq=sq, need=("first",))
-    return sum_first / k.sum(-1, keepdim=True).to(x.dtype)
+    sq = sq_dists(x) if sq is None else sq
+    k, w = kernel_and_weights(kernel, sq, resolve_bandwidth(h, sq))
+    return _apply(kde_operator(k, w), _centred(x))
 
 
 def sge_score(
@@ -101,11 +104,9 @@ def sge_score(
         ridge-regularized. For a symmetric kernel this equals
         ``(K + ηI)⁻¹ Σ_j ∇_{x_i} k(x_i, x_j)``, the RDE code's form.
     """
-    k, _, sum_second = kernel_grad_sums(kernel, x, h, sq=sq, need=("second",))
-    a = k.to(torch.float64).mT + eta * _eye_like(k, torch.float64)
-    if sum_second.dtype == torch.float64:
-        return -torch.linalg.solve(a, sum_second)
-    return -_apply(torch.linalg.inv(a), sum_second)
+    sq = sq_dists(x) if sq is None else sq
+    k, w = kernel_and_weights(kernel, sq, resolve_bandwidth(h, sq))
+    return _apply(sge_operator(k, w, eta), _centred(x))
 
 
 def ssge_score(
@@ -150,7 +151,6 @@ def ssge_score(
     evaluated with a different bandwidth from the decomposition's; we use the
     bandwidth of the samples throughout.
     """
-    m = x.shape[-2]
     sq = sq_dists(x) if sq is None else sq
     h_t = resolve_bandwidth(h, sq) if callable(h) and not isinstance(h, Tensor) else h
     if isinstance(h_t, Tensor) and h_t.ndim >= 2 and h_t.shape[-2:] != (1, 1):
@@ -158,7 +158,38 @@ def ssge_score(
             f"ssge_score needs one bandwidth per kernel matrix (symmetric K), got shape "
             f"{tuple(h_t.shape)}"
         )
-    k, _, sum_second = kernel_grad_sums(kernel, x, h_t, sq=sq, need=("second",))
+    k, w = kernel_and_weights(kernel, sq, resolve_bandwidth(h_t, sq))
+    k_yx = None if y is None else kernel_matrix(kernel, y, x, h_t)
+    op = ssge_operator(k, w, eta, num_eigen=num_eigen, eigen_ratio=eigen_ratio, k_yx=k_yx)
+    return _apply(op, _centred(x))
+
+
+# ------------------------------------------------------------------- operators
+# Every estimator here is linear in the particles once the kernel matrix is fixed:
+# g = S x with an (N, M) operator S built from K and W (∇_x k(x, y) = W (x − y),
+# kernels.kernel_and_weights). The operators are formed in float64 (the module note
+# on precision) and annihilate constants (S 1 = 0). A caller whose particles are
+# stored as several leaves (an ensemble's stacked layers) applies S leaf by leaf.
+
+
+def kde_operator(k: Tensor, w: Tensor) -> Tensor:
+    """``S`` with ``kde_score = S x``: ``S = (diag(W 1) − W) / (K 1)`` row-wise, float64."""
+    first_op, _ = grad_sum_operators(w.to(torch.float64))
+    return first_op / k.to(torch.float64).sum(-1, keepdim=True)
+
+
+def sge_operator(k: Tensor, w: Tensor, eta: float = 0.01) -> Tensor:
+    """``S`` with ``sge_score = S x``: ``S = −(Kᵀ + ηI)⁻¹ (Wᵀ − diag(Wᵀ 1))``, float64."""
+    _, second_op = grad_sum_operators(w.to(torch.float64))
+    a = k.to(torch.float64).mT + eta * _eye_like(k, torch.float64)
+    return -torch.linalg.solve(a, second_op)
+
+
+def ssge_operator(k: Tensor, w: Tensor, eta: float = 0.01, *, num_eigen: int | None = None,
+                  eigen_ratio: float | None = None, k_yx: Tensor | None = None) -> Tensor:
+    """``S`` with ``ssge_score = S x``: ``−K_yx U Λ⁻² Uᵀ (Wᵀ − diag(Wᵀ 1))``, float64,
+    ``(N, M)`` (``K_yx = K`` at the samples themselves); see :func:`ssge_score`."""
+    m = k.shape[-1]
     k64 = k.to(torch.float64)
     lam, u = torch.linalg.eigh(k64 + eta * _eye_like(k, torch.float64))  # ascending
     lam, u = lam.flip(-1), u.flip(-1)  # descending
@@ -169,12 +200,15 @@ def ssge_score(
         frac = lam.cumsum(-1) / lam.sum(-1, keepdim=True)
         keep &= (frac - lam / lam.sum(-1, keepdim=True)) < eigen_ratio  # sum before j
     weight = torch.where(keep, lam.clamp_min(torch.finfo(lam.dtype).tiny).pow(-2), 0.0)
-    if y is None:
-        k_yx = k64
-    else:
-        k_yx = kernel_matrix(kernel, y, x, h_t).to(torch.float64)
-    op = -((k_yx @ u) * weight.unsqueeze(-2)) @ u.mT  # (..., N, M)
-    return _apply(op, sum_second)
+    k_yx = k64 if k_yx is None else k_yx.to(torch.float64)
+    _, second_op = grad_sum_operators(w.to(torch.float64))
+    return -((k_yx @ u) * weight.unsqueeze(-2)) @ (u.mT @ second_op)
+
+
+def _centred(x: Tensor) -> Tensor:
+    """The particles minus their mean: the operators annihilate constants, and centring
+    keeps the terms of each row from cancelling on particles far from the origin."""
+    return x - x.mean(dim=-2, keepdim=True)
 
 
 SCORE_ESTIMATORS: dict[str, Callable[..., Tensor]] = {
@@ -183,3 +217,11 @@ SCORE_ESTIMATORS: dict[str, Callable[..., Tensor]] = {
     "ssge": ssge_score,
 }
 """Name → estimator ``(x, h=..., **options) -> (..., M, D)``."""
+
+SCORE_OPERATORS: dict[str, Callable[..., Tensor]] = {
+    "kde": lambda k, w, **_: kde_operator(k, w),
+    "sge": lambda k, w, eta=0.01, **_: sge_operator(k, w, eta),
+    "ssge": lambda k, w, eta=0.01, num_eigen=None, **_: ssge_operator(k, w, eta,
+                                                                       num_eigen=num_eigen),
+}
+"""Name → ``(K, W, **options) -> S`` with the estimator's score ``g = S x`` (float64)."""

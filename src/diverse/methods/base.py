@@ -66,7 +66,8 @@ class StepResult:
     loss: Tensor  # (M,) per-member objective (detached)
     outputs: Tensor  # (M, B, K) outputs on the batch (detached)
     grads: Params | None  # {name: (M, *shape)} for the optimizer; None: the method moved θ
-    logs: dict[str, float] = field(default_factory=dict)
+    # scalar diagnostics: floats or 0-dim tensors (read by the loop when it logs)
+    logs: dict[str, float | Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -192,13 +193,15 @@ def interaction_scales(cfg: Any, step: Step) -> tuple[float, float]:
     return a, c
 
 
-def interaction_logs(driving_norms: Tensor, repulsion_norms: Tensor) -> dict[str, float]:
+def interaction_logs(driving_norms: Tensor, repulsion_norms: Tensor) -> dict[str, Tensor]:
     """``driving_norm``, ``repulsion_norm`` (means over members of per-member norms ``(M,)``)
     and their ratio ``driving_over_repulsion`` — the diagnostics of every interacting
-    method (a ratio above 10³ means the members train as a deep ensemble)."""
-    dn, rn = float(driving_norms.mean()), float(repulsion_norms.mean())
+    method (a ratio above 10³ means the members train as a deep ensemble). 0-dim
+    tensors on the members' device: the loop reads them when it logs, so computing
+    them does not synchronize an accelerator."""
+    dn, rn = driving_norms.mean(), repulsion_norms.mean()
     return {"driving_norm": dn, "repulsion_norm": rn,
-            "driving_over_repulsion": dn / max(rn, 1e-30)}
+            "driving_over_repulsion": dn / rn.clamp_min(1e-30)}
 
 
 def negative_log_posterior(step: Step, params: Params) -> tuple[Tensor, Tensor]:

@@ -49,8 +49,8 @@ from diverse.methods.base import (
     interaction_scales,
     member_gradients,
 )
-from diverse.methods.spaces import function_embedding, weight_embedding
-from diverse.nets.distributed import SINGLE
+from diverse.methods.spaces import function_embedding
+from diverse.nets.distributed import SINGLE, Comm
 from diverse.nets.ensemble import Ensemble, Params, flatten_params, pull_back, unflatten_params
 
 BANDWIDTHS: dict[str, kernels.Bandwidth] = {
@@ -156,56 +156,146 @@ def bandwidth_of(cfg: SVGDConfig) -> kernels.Bandwidth:
 
 
 # ----------------------------------------------------------------- repulsion
-Repulsion = Callable[[Tensor, Tensor, float, float], tuple[Tensor, dict[str, float]]]
+@dataclass(frozen=True)
+class Interaction:
+    """One particle update as ``(M, M)`` operators, float64: ``φ = A d − R z``.
+
+    Every update here is linear in the particles ``z`` and their driving terms
+    ``d`` once the kernel matrix is fixed (:mod:`diverse.math.scores`,
+    operators), so the ``M × M`` algebra is done once and the ``(M, D)`` work is
+    one or two matrix products per parameter leaf — no flattened copy of the
+    weights, no elementwise passes over them.
+
+    Attributes:
+        drive: ``A``; a float ``a`` means ``a·I`` (WGD: each particle's own term).
+        repel: ``R``; the repulsion is ``R z`` (WGD: ``c·S`` with ``S`` the score
+            estimator's operator; SVGD: ``−(c/M)(Wᵀ − diag(Wᵀ1))``).
+        k: the kernel matrix ``(M, M)``; h: the bandwidth (for the diagnostics).
+    """
+
+    drive: Tensor | float
+    repel: Tensor
+    k: Tensor
+    h: Tensor
 
 
-def wgd_direction(cfg: WGDConfig) -> Repulsion:
-    """φ = a·d − c·ĝ with ĝ the estimated score of the particle density."""
+#: ``(sq (M, M) float64, a, c) -> Interaction``: the M × M part of a particle update.
+Interactor = Callable[[Tensor, float, float], Interaction]
+#: ``(z (M, D), d (M, D), a, c) -> (φ (M, D), logs)``: an update on points in one tensor.
+Repulsion = Callable[[Tensor, Tensor, float, float], tuple[Tensor, dict[str, Tensor]]]
+
+
+def wgd_interaction(cfg: WGDConfig) -> Interactor:
+    """φ = a·d − c·ĝ with ĝ = S z the estimated score of the particle density."""
     h = bandwidth_of(cfg)
-    estimator = scores.SCORE_ESTIMATORS[cfg.estimator]
-    options: dict[str, Any] = {"kernel": cfg.kernel}
+    operator = scores.SCORE_OPERATORS[cfg.estimator]
+    options: dict[str, Any] = {}
     if cfg.estimator in ("sge", "ssge"):
         options["eta"] = cfg.eta
     if cfg.estimator == "ssge" and cfg.num_eigen > 0:
         options["num_eigen"] = cfg.num_eigen
 
-    def direction(z: Tensor, drive: Tensor, a: float, c: float) -> tuple[Tensor, dict[str, float]]:
-        sq = kernels.sq_dists(z)  # once: the estimator, the bandwidth and the diagnostics share it
+    def interaction(sq: Tensor, a: float, c: float) -> Interaction:
         hv = kernels.resolve_bandwidth(h, sq)
-        repulsion = estimator(z, hv, sq=sq, **options).mul_(c)
-        driving = a * drive
-        logs = _diagnostics(sq, hv, cfg.kernel, driving, repulsion)
-        return driving.sub_(repulsion), logs
+        k, w = kernels.kernel_and_weights(cfg.kernel, sq, hv)
+        return Interaction(a, c * operator(k, w, **options), k, hv)
 
-    return direction
+    return interaction
 
 
-def svgd_direction(cfg: SVGDConfig) -> Repulsion:
+def svgd_interaction(cfg: SVGDConfig) -> Interactor:
     """φ_i = (1/M) Σ_j [a·k(z_j, z_i) d_j + c·∇_{z_j} k(z_j, z_i)]."""
     h = bandwidth_of(cfg)
 
-    def direction(z: Tensor, drive: Tensor, a: float, c: float) -> tuple[Tensor, dict[str, float]]:
-        sq = kernels.sq_dists(z)
+    def interaction(sq: Tensor, a: float, c: float) -> Interaction:
         hv = kernels.resolve_bandwidth(h, sq)
-        k, _first, second = kernels.kernel_grad_sums(cfg.kernel, z, hv, sq=sq, need=("second",))
-        m = z.shape[0]
-        driving = (a / m) * (k.mT.to(drive.dtype) @ drive)
-        repulsion = second.mul_(-c / m)  # sign: φ = driving − repulsion
-        logs = _diagnostics(sq, hv, cfg.kernel, driving, repulsion, k)
-        return driving.sub_(repulsion), logs
+        k, w = kernels.kernel_and_weights(cfg.kernel, sq, hv)
+        _, second_op = kernels.grad_sum_operators(w)
+        m = sq.shape[-1]
+        return Interaction((a / m) * k.mT, (-c / m) * second_op, k, hv)  # φ = A d − R z
+
+    return interaction
+
+
+def on_points(interactor: Interactor) -> Repulsion:
+    """The update on points held in one tensor ``z (M, D)`` (function space, tests)."""
+
+    def direction(z: Tensor, drive: Tensor, a: float, c: float
+                  ) -> tuple[Tensor, dict[str, Tensor]]:
+        it = interactor(kernels.sq_dists(z).to(torch.float64), a, c)
+        zc = z - z.mean(0, keepdim=True)  # R annihilates constants; centring keeps precision
+        driving = it.drive * drive if isinstance(it.drive, float) else _mm(it.drive, drive)
+        repulsion = _mm(it.repel, zc)
+        logs = _diagnostics(it, driving.norm(dim=-1), repulsion.norm(dim=-1))
+        return driving - repulsion, logs
 
     return direction
 
 
-def _diagnostics(sq: Tensor, h: Tensor, kernel: str, driving: Tensor,
-                 repulsion: Tensor, k: Tensor | None = None) -> dict[str, float]:
-    """Bandwidth, mean off-diagonal kernel value, mean per-member norms of the terms."""
-    if k is None:
-        k = kernels.kernel_from_sq(kernel, sq, h)
+def wgd_direction(cfg: WGDConfig) -> Repulsion:
+    return on_points(wgd_interaction(cfg))
+
+
+def svgd_direction(cfg: SVGDConfig) -> Repulsion:
+    return on_points(svgd_interaction(cfg))
+
+
+def _mm(op64: Tensor, x: Tensor) -> Tensor:
+    """``op64 @ x`` with the float64 operator rounded to ``x``'s dtype."""
+    return op64.to(x.dtype) @ x
+
+
+def leaf_update(it: Interaction, grads: Params, leaves: Params, all_grads: Params | None,
+                comm: Comm = SINGLE) -> Params:
+    """−φ on stacked leaves: ``A g + R x`` per leaf, one or two products each.
+
+    Args:
+        it: the interaction of all M particles.
+        grads: this rank's driving gradients ``g = −d`` (``∇(−log p)/N``) per leaf;
+            with a diagonal ``A`` (WGD) the update is accumulated into them in place.
+        leaves: every member's parameters per leaf, ``(M, ...)`` (gathered when sharded).
+        all_grads: every member's ``g`` per leaf when ``A`` mixes members (SVGD).
+        comm: the sharding; this rank's rows of the operators are applied.
+
+    Returns:
+        ``{name: (M/R, ...)}``: the gradient the optimizer descends.
+    """
+    repel = comm.local(it.repel)
+    drive = it.drive if isinstance(it.drive, float) else comm.local(it.drive)
+    out = {}
+    for name, g in grads.items():
+        x = leaves[name].reshape(leaves[name].shape[0], -1)
+        r = repel.to(x.dtype)
+        if isinstance(drive, float):  # WGD: a·g + R x, one product accumulated into g
+            step = g.reshape(g.shape[0], -1).addmm_(r, x, beta=drive)
+        else:
+            assert all_grads is not None
+            step = drive.to(x.dtype) @ all_grads[name].reshape(x.shape[0], -1)
+            step.addmm_(r, x)
+        out[name] = step.view(g.shape)
+    return out
+
+
+def leaf_norms(it: Interaction, grad_gram: Tensor, gram: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-member norms ``(M,)`` of the driving term ``A d`` and the repulsion ``R z``
+    from the Gram matrices of the driving gradients and of the particles."""
+    if isinstance(it.drive, float):
+        driving = abs(it.drive) * grad_gram.diagonal().clamp_min(0).sqrt()
+    else:
+        driving = (it.drive @ grad_gram @ it.drive.mT).diagonal().clamp_min(0).sqrt()
+    repulsion = (it.repel @ gram @ it.repel.mT).diagonal().clamp_min(0).sqrt()
+    return driving, repulsion
+
+
+def _diagnostics(it: Interaction, driving_norms: Tensor, repulsion_norms: Tensor
+                 ) -> dict[str, Tensor]:
+    """Bandwidth, mean off-diagonal kernel value, mean per-member norms of the terms
+    (0-dim tensors: read by the loop when it logs, no host sync here)."""
+    k = it.k
     m = k.shape[-1]
     off = (k.sum() - k.diagonal().sum()) / max(m * (m - 1), 1)
-    return {"bandwidth": float(h.mean()), "kernel_mean": float(off),
-            **interaction_logs(driving.norm(dim=-1), repulsion.norm(dim=-1))}
+    return {"bandwidth": it.h.mean(), "kernel_mean": off,
+            **interaction_logs(driving_norms, repulsion_norms)}
 
 
 # -------------------------------------------------------------- driving terms
@@ -230,15 +320,20 @@ def adversarial_nll(step: Step, params: Params, epsilon: float) -> Tensor:
     return step.likelihood.nll(out, step.y).mean(1)
 
 
-def _disagreement(outputs: Tensor, step: Step) -> dict[str, float]:
+def _disagreement(outputs: Tensor, step: Step) -> dict[str, Tensor]:
     if step.likelihood.task != "classification":
         return {}
-    return {"disagreement": float(metrics.disagreement(outputs.detach().softmax(-1)).mean())}
+    return {"disagreement": metrics.disagreement(outputs.detach().softmax(-1)).mean()}
 
 
 # ---------------------------------------------------------------- the updates
-def weight_space(cfg: SVGDConfig, direction: Repulsion) -> Callable[[Step], StepResult]:
-    """A weight-space particle update: particles are the flattened weights."""
+def weight_space(cfg: SVGDConfig, interactor: Interactor) -> Callable[[Step], StepResult]:
+    """A weight-space particle update: the particles are the members' weights.
+
+    The interaction is computed on the stacked parameter leaves: squared distances
+    from the float64 sum of per-leaf Gram matrices, the update as ``A g + R x`` per
+    leaf (:func:`leaf_update`), the diagnostics from the same Grams.
+    """
 
     def update(step: Step) -> StepResult:
         params = step.ensemble.params
@@ -247,16 +342,36 @@ def weight_space(cfg: SVGDConfig, direction: Repulsion) -> Callable[[Step], Step
         nll = step.likelihood.nll(outputs, step.y).mean(1)
         loss = nll + gaussian_prior_penalty(params, step.prior_std, step.n_train)
         loss = loss + adversarial_nll(step, params, cfg.fgsm_epsilon)
-        drive = -flatten_params(member_gradients(loss.sum(), params))  # ∇ log p(w|D) / N
-        z = weight_embedding({k: v.detach() for k, v in params.items()})
+        grads = member_gradients(loss.sum(), params)  # g = −∇ log p(w|D) / N
         comm = step.comm  # sharded: the interaction of all M particles, this rank's rows kept
-        phi, logs = direction(comm.gather(z), comm.gather(drive), a, c)
-        phi = comm.local(phi)
+        leaves = gather_leaves(comm, {k: v.detach() for k, v in params.items()})
+        gram = kernels.gram(leaves.values())
+        it = interactor(kernels.sq_dists_from_gram(gram), a, c)
+        mixes = not isinstance(it.drive, float)  # SVGD's driving term mixes members
+        all_grads = gather_leaves(comm, grads) if mixes else None
+        if mixes:
+            grad_gram = kernels.gram(all_grads.values(), centre=False)
+        else:
+            # only the norms: one read of each leaf (no squared copy, no float64 copy)
+            grad_gram = torch.diag_embed(comm.gather(sum(
+                torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1).double().square()
+                for g in grads.values())))
+        logs = _diagnostics(it, *leaf_norms(it, grad_gram, gram))
         logs.update(_disagreement(comm.gather(outputs.detach()), step), anneal=a)
         return StepResult(loss=loss.detach(), outputs=outputs.detach(),
-                          grads=unflatten_params(-phi, params), logs=logs)
+                          grads=leaf_update(it, grads, leaves, all_grads, comm), logs=logs)
 
     return update
+
+
+def gather_leaves(comm: Comm, leaves: Params) -> Params:
+    """Every member's rows of stacked leaves: one gather of the flattened rows when
+    sharded (views into it come back), the leaves themselves in one process."""
+    if comm.size == 1:
+        return dict(leaves)
+    return unflatten_params(comm.gather(flatten_params(leaves)),
+                            {k: v[:1].expand(comm.size * v.shape[0], *v.shape[1:])
+                             for k, v in leaves.items()})
 
 
 def prior_draws(params: Params, count: int, std: float) -> Params:
@@ -351,11 +466,11 @@ def _function_prior_score(cfg: SVGDConfig, step: Step, x: Tensor, f: Tensor) -> 
 
 # ------------------------------------------------------------------ builders
 def build_svgd(cfg: SVGDConfig, data: TrainingData | None = None) -> Callable[[Step], StepResult]:
-    return weight_space(cfg, svgd_direction(cfg))
+    return weight_space(cfg, svgd_interaction(cfg))
 
 
 def build_wgd(cfg: WGDConfig, data: TrainingData | None = None) -> Callable[[Step], StepResult]:
-    return weight_space(cfg, wgd_direction(cfg))
+    return weight_space(cfg, wgd_interaction(cfg))
 
 
 def build_f_svgd(cfg: SVGDConfig, data: TrainingData | None = None) -> Callable[[Step], StepResult]:
