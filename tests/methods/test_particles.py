@@ -9,9 +9,9 @@ from diverse.app.config import load_config
 from diverse.app.train import build_run, train
 from diverse.data.datasets import Dataset
 from diverse.errors import UserError
+from diverse.math import kernels
 from diverse.methods.base import DeepEnsembleConfig, Step, deep_ensemble
 from diverse.methods.forde import forde_repulsion
-from diverse.math import kernels
 from diverse.methods.particles import (
     SVGDConfig,
     WGDConfig,
