@@ -24,7 +24,7 @@ import torch
 
 from diverse.app.config import config_from_dict
 from diverse.data.datasets import Dataset
-from diverse.methods.base import Step, TrainingData
+from diverse.methods.base import Step, TrainingData, set_grads
 from diverse.methods.catalog import Method
 from diverse.nets.likelihoods import Categorical
 from diverse.nets.models import build_model
@@ -45,6 +45,7 @@ METHOD_TABLES = {
     "f-wgd-ssge": {"name": "f-wgd", "estimator": "ssge"},
     "f-svgd": {"name": "f-svgd", "output": "logits"},
     "forde-pca": {"name": "forde", "lengthscales": "pca"},
+    "forde-identity": {"name": "forde", "lengthscales": "identity"},
     "he-cka": {"name": "he-cka"},
     "he-cka-outliers": {"name": "he-cka", "outliers": 64},
     "svgd-cka": {"name": "svgd-cka"},
@@ -77,12 +78,13 @@ def make_stepper(model: str, method: str, members: int, device: torch.device, ba
     y = torch.randint(0, 10, (batch,), device=device)
     lik = Categorical()
 
+    count = iter(range(10**6, 10**9))  # step numbers past every warm-up, as in training
+
     def step() -> None:
         result = update(Step(ens, x, y, lik, n_train=60000, prior_std=1.0, progress=0.5,
-                             index=10**6))  # past every warm-up
+                             index=next(count)))
         if result.grads is not None:  # a sampler moves θ itself
-            for name, p in ens.params.items():
-                p.grad = result.grads[name]
+            set_grads(ens.params, result.grads)  # as the training loop does
             opt.step()
 
     return step

@@ -79,7 +79,8 @@ def test_repulsion_scale_batch_vs_n_changes_the_repulsion_by_n_over_b():
     for scale in ("n", "batch"):
         run = make("wgd", f"method.repulsion_scale={scale}", "method.estimator=kde")
         x, y = run.dataset.x_train[:32], run.dataset.y_train[:32]
-        logs[scale] = run.update(Step(run.ensemble, x, y, run.likelihood, 256, 1.0, 0.0)).logs
+        result = run.update(Step(run.ensemble, x, y, run.likelihood, 256, 1.0, 0.0))
+        logs[scale] = {k: float(v) for k, v in result.logs.items()}  # 0-dim tensors
     assert logs["batch"]["repulsion_norm"] == pytest.approx(
         logs["n"]["repulsion_norm"] * 256 / 32, rel=1e-5)
     assert logs["batch"]["driving_norm"] == pytest.approx(logs["n"]["driving_norm"], rel=1e-6)

@@ -19,6 +19,7 @@ from diverse.methods.particles import (
     leaf_norms,
     leaf_update,
     on_points,
+    prior_draws,
     svgd_direction,
     svgd_interaction,
     wgd_direction,
@@ -245,3 +246,24 @@ def test_the_update_on_leaves_equals_the_update_on_flattened_particles(cfg):
     driving, repulsion = leaf_norms(it, kernels.gram(grads.values(), centre=False), gram)
     torch.testing.assert_close(driving.mean(), logs["driving_norm"])
     torch.testing.assert_close(repulsion.mean(), logs["repulsion_norm"])
+
+
+def test_prior_draws_are_exact_normal_reproducible_and_reuse_their_buffers():
+    params = {"w": torch.zeros(3, 300, 400), "b": torch.zeros(3, 5)}  # w: the parallel path
+    torch.manual_seed(4)
+    out: dict = {}
+    draws = prior_draws(params, 8, 0.5, out=out)
+    assert draws["w"].shape == (8, 300, 400) and draws["b"].shape == (8, 5)
+    w = draws["w"].double().flatten()
+    n = w.numel()
+    assert abs(w.mean().item()) < 4 * 0.5 / n**0.5
+    assert abs(w.std().item() - 0.5) < 4 * 0.5 / (2 * n) ** 0.5
+    half = n // 2  # the parts come from different generators: uncorrelated
+    assert abs(torch.corrcoef(torch.stack([w[:half], w[half:2 * half]]))[0, 1]) < 4 / half**0.5
+    first = draws["w"].clone()
+    torch.manual_seed(4)
+    again = prior_draws(params, 8, 0.5, out=out)
+    assert again["w"] is out["w"]  # the buffer is reused
+    assert torch.equal(again["w"], first)  # the global seed fixes the draws
+    torch.manual_seed(5)
+    assert not torch.equal(prior_draws(params, 8, 0.5)["w"], first)

@@ -27,6 +27,18 @@ def test_update_equals_the_stored_reference(case):
         assert math.isclose(logs[key], want, rel_tol=1e-9, abs_tol=1e-12), (case, key)
 
 
+@pytest.mark.parametrize("case", ["forde-pca", "forde-cnn"])
+def test_forde_without_the_diagnostics_takes_the_same_step(case, monkeypatch):
+    # default diagnostics_every = 10 at step 25: one fused backward, the same update
+    model, method, members = CASES[case]
+    monkeypatch.setitem(CASES, case, (model, {**method, "diagnostics_every": 10}, members))
+    tensors, logs = compute(case)
+    for key, got in tensors.items():
+        want = STORED[key]
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-11 * want.abs().max().item())
+    assert "driving_norm" not in logs and "disagreement" in logs
+
+
 def test_the_reference_detects_a_changed_update():
     tensors, _ = compute("svgd-rbf")
     key = next(k for k in tensors if k.startswith("svgd-rbf/grad."))

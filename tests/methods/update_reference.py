@@ -16,12 +16,14 @@ import argparse
 import json
 import subprocess
 from pathlib import Path
+from unittest import mock
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from diverse.app.config import config_from_dict
 from diverse.data.datasets import Dataset
+from diverse.methods import particles
 from diverse.methods.base import Step, TrainingData
 from diverse.methods.catalog import Method
 from diverse.nets.likelihoods import Categorical
@@ -56,11 +58,14 @@ CASES: dict[str, tuple[dict, dict, int]] = {
     "f-wgd-ssge-context": (MLP, {"name": "f-wgd", "estimator": "ssge", "context_points": 5,
                                  "prior_samples": 6}, 4),
     "f-svgd": (MLP, {"name": "f-svgd", "output": "logits", "repulsion_scale": "batch"}, 4),
-    "forde-pca": (MLP, {"name": "forde"}, 4),
-    "forde-pca-relu": (RELU_MLP, {"name": "forde", "alpha": 0.5, "pca": "covariance"}, 3),
+    # diagnostics_every = 1: the stored steps measured both terms' norms (step index 25)
+    "forde-pca": (MLP, {"name": "forde", "diagnostics_every": 1}, 4),
+    "forde-pca-relu": (RELU_MLP, {"name": "forde", "alpha": 0.5, "pca": "covariance",
+                                  "diagnostics_every": 1}, 3),
     "forde-identity-n": (MLP, {"name": "forde", "lengthscales": "identity",
-                               "repulsion_scale": "n", "annealing": "cyclic"}, 4),
-    "forde-cnn": (CNN, {"name": "forde"}, 3),
+                               "repulsion_scale": "n", "annealing": "cyclic",
+                               "diagnostics_every": 1}, 4),
+    "forde-cnn": (CNN, {"name": "forde", "diagnostics_every": 1}, 3),
     "he-cka": (MLP, {"name": "he-cka", "warmup_steps": 0}, 3),
     "he-cka-outliers": (MLP, {"name": "he-cka", "warmup_steps": 0, "outliers": 4,
                               "outlier_pool": 16}, 3),
@@ -76,8 +81,21 @@ CASES: dict[str, tuple[dict, dict, int]] = {
 }
 
 
+def reference_prior_draws(params, count, std, out=None):
+    """The function-space prior draws of the commit the references were stored at (one
+    ``torch.randn`` per leaf). The draws are now made in parallel parts with their own
+    generators (same law, other numbers): the update given the draws must not change."""
+    return {k: torch.randn((count, *v.shape[1:]), dtype=v.dtype, device=v.device) * std
+            for k, v in params.items()}
+
+
 def compute(case: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """``(tensors, logs)`` of one step of ``case`` on its fixed data (float64)."""
+    with mock.patch.object(particles, "prior_draws", reference_prior_draws):
+        return _compute(case)
+
+
+def _compute(case: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     model, method_table, members = CASES[case]
     cfg = config_from_dict({"model": model, "method": method_table,
                             "ensemble": {"members": members, "execution": "vmap"},

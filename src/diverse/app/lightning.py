@@ -34,7 +34,7 @@ from diverse.app.config import TrainConfig
 from diverse.app.optim import build_optimizer, schedule_factor
 from diverse.errors import UserError
 from diverse.evaluation.prediction import member_outputs
-from diverse.methods.base import Step
+from diverse.methods.base import Step, set_grads
 from diverse.methods.catalog import Method, check_training
 from diverse.nets.ensemble import Ensemble
 from diverse.nets.likelihoods import Likelihood, LikelihoodConfig, as_likelihood
@@ -101,8 +101,7 @@ class DiverseModule(L.LightningModule):
         if not bool(torch.isfinite(result.loss).all()):
             raise UserError(f"non-finite loss at step {index + 1}")
         if result.grads is not None:
-            for name, p in self.ensemble.params.items():
-                p.grad = result.grads[name]
+            set_grads(self.ensemble.params, result.grads)
             optimizer.step()
         self.diverse_step += 1
         fit_name = ("train_accuracy" if self.likelihood.task == "classification"

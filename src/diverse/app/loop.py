@@ -57,7 +57,7 @@ from diverse.data.augment import crop_and_flip
 from diverse.errors import DivergenceError, UserError
 from diverse.evaluation.prediction import predict
 from diverse.math import metrics
-from diverse.methods.base import Step, StepResult
+from diverse.methods.base import Step, StepResult, set_grads
 from diverse.methods.catalog import Method, check_training
 from diverse.nets import distributed, precision
 from diverse.nets.distributed import SINGLE, Comm
@@ -360,6 +360,7 @@ class _Sums:
     steps: int = 0
     nll: float = 0.0
     diag: dict[str, float] = field(default_factory=dict)
+    diag_steps: dict[str, int] = field(default_factory=dict)  # steps that reported each key
 
 
 def _read_diagnostics(on_device: dict[str, Tensor], sums: _Sums) -> None:
@@ -493,7 +494,9 @@ def fit(
         if skip:
             partial = manifest["partial"]
             sums = _Sums(partial["loss"], partial["fit"], partial["count"], partial["steps"],
-                         partial["nll"], dict(partial["diag"]))
+                         partial["nll"], dict(partial["diag"]),
+                         dict(partial.get("diag_steps")
+                              or {k: partial["steps"] for k in partial["diag"]}))
 
     bar = Progress(total, f"train {method.name} M={ensemble.members * comm.size}",
                    enabled=show_progress and lead, start=step)
@@ -524,7 +527,8 @@ def fit(
             if partial is not None:
                 manifest["partial"] = {"loss": partial.loss, "fit": partial.fit,
                                        "count": partial.count, "steps": partial.steps,
-                                       "nll": partial.nll, "diag": partial.diag}
+                                       "nll": partial.nll, "diag": partial.diag,
+                                       "diag_steps": partial.diag_steps}
             stem = (f"epoch-{epoch_done:04d}" if partial is None
                     else f"epoch-{epoch_done:04d}-step-{step:08d}")
             path = save_checkpoint(run_path, epoch_done, model_t, optim_t, manifest,
@@ -568,8 +572,7 @@ def fit(
                 write_model_spec(run_path, method, ensemble, like, tuple(xb.shape[1:]),
                                  int(result.outputs.shape[-1]), normalization)
             if grads is not None:  # a sampler (grads None) has moved θ itself
-                for name, p in ensemble.params.items():
-                    p.grad = grads[name]
+                set_grads(ensemble.params, grads)
                 optimizer.step()
             step += 1
             i += 1
@@ -589,18 +592,22 @@ def fit(
             sums.count += n_b
             sums.steps += 1
             for key, value in result.logs.items():  # floats or 0-dim tensors
+                # a method may report a diagnostic on some steps only (FoRDE's term norms)
+                sums.diag_steps[key] = sums.diag_steps.get(key, 0) + 1
                 if on_host or not isinstance(value, Tensor):
                     sums.diag[key] = sums.diag.get(key, 0.0) + float(value)
                 else:
                     diag_device[key] = diag_device.get(key, 0.0) + value.detach()
             if bar.due():
                 divergence.check(spe)
+                if not on_host:
+                    _read_diagnostics(diag_device, sums)
                 totals = (sums.loss, sums.fit) if on_host else running.tolist()
                 loss_now, fit_now = (v / sums.count for v in totals)
                 bar.update(step, epoch=f"{epoch}/{total_epochs}", loss=loss_now,
                            **{fit_name: fit_now},
-                           **{k: float(v) for k, v in result.logs.items()
-                              if k in PROGRESS_LOGS})
+                           **{k: sums.diag[k] / sums.diag_steps[k] for k in PROGRESS_LOGS
+                              if k in sums.diag})  # the epoch's running means
             else:
                 bar.update(step)
             for cb in callbacks:
@@ -629,7 +636,8 @@ def fit(
             "train_loss": loss_m / count, "train_nll": nll_m / count,
             ("train_accuracy" if classification else "train_neg_mse"): fit_m / count,
         }
-        record.update({f"diag_{k}": v / max(sums.steps, 1) for k, v in sums.diag.items()})
+        record.update({f"diag_{k}": v / max(sums.diag_steps.get(k, sums.steps), 1)
+                       for k, v in sums.diag.items()})
         last = epoch == total_epochs
         if val is not None and ((t.eval_every > 0 and epoch % t.eval_every == 0) or last):
             vx, vy = val if isinstance(val, tuple) else (val, None)
