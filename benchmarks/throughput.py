@@ -36,7 +36,7 @@ import torch
 
 from diverse.app.config import config_from_dict
 from diverse.data.datasets import Dataset
-from diverse.methods.base import Step, TrainingData
+from diverse.methods.base import Step, TrainingData, set_grads
 from diverse.methods.catalog import Method
 from diverse.nets import precision
 from diverse.nets.ensemble import Ensemble
@@ -87,10 +87,11 @@ def make_step(model: str, method: str, variant: str, members: int, batch: int,
     opt = torch.optim.Adam(list(ens.params.values()), lr=1e-3)
     x, y = x_train[:batch].to(device), labels[:batch].to(device)
 
+    count = iter(range(10**6, 10**9))  # step numbers past every warm-up, as in training
+
     def step() -> None:
-        result = update(Step(ens, x, y, Categorical(), 50_000, 1.0, 0.5))
-        for name, p in ens.params.items():
-            p.grad = result.grads[name]
+        result = update(Step(ens, x, y, Categorical(), 50_000, 1.0, 0.5, next(count)))
+        set_grads(ens.params, result.grads)  # as the training loop does
         opt.step()
 
     return step
