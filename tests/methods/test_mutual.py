@@ -246,7 +246,8 @@ def test_diversity_terms_are_off_before_diversity_start_and_on_after():
     assert _max_diff(after, after_plain, "fc1.weight_mu") > 1e-6  # the body is pushed too
     # the losses differ by exactly −α·D_param − β·D_feat (averaged over peers)
     shift = after.loss.mean() - after_plain.loss.mean()
-    want = -(cfg.alpha * after.logs["param_div"] + cfg.beta * after.logs["feature_div"])
+    want = -(cfg.alpha * float(after.logs["param_div"])
+             + cfg.beta * float(after.logs["feature_div"]))  # logs are 0-dim tensors
     assert float(shift) == pytest.approx(want, rel=1e-4, abs=1e-6)
 
 

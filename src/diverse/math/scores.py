@@ -182,7 +182,8 @@ def sge_operator(k: Tensor, w: Tensor, eta: float = 0.01) -> Tensor:
     """``S`` with ``sge_score = S x``: ``S = −(Kᵀ + ηI)⁻¹ (Wᵀ − diag(Wᵀ 1))``, float64."""
     _, second_op = grad_sum_operators(w.to(torch.float64))
     a = k.to(torch.float64).mT + eta * _eye_like(k, torch.float64)
-    return -torch.linalg.solve(a, second_op)
+    # solve_ex without its error check: the check is a host read (a sync on a GPU)
+    return -torch.linalg.solve_ex(a, second_op, check_errors=False)[0]
 
 
 def ssge_operator(k: Tensor, w: Tensor, eta: float = 0.01, *, num_eigen: int | None = None,

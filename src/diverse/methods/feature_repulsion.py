@@ -287,13 +287,13 @@ def diversity_loss(cfg: HECKAConfig, step: Step, out: Tensor, feats: dict[str, T
     opts = energy_options(cfg)
     he_in = he.he_cka_layers(split_features(out, feats, layers, 0, n_in), weights, **opts)
     total = wt * cfg.gamma * he_in
-    logs = {"he_cka": float(he_in.detach()), "warmup": wt}
+    logs: dict[str, Tensor | float] = {"he_cka": he_in.detach(), "warmup": wt}
     if out.shape[1] > n_in:
         stop = out.shape[1]
         he_ood = he.he_cka_layers(split_features(out, feats, layers, n_in, stop), weights, **opts)
         entropy = mean_softmax_entropy(out[:, n_in:])
         total = total + cfg.beta_ood * (-entropy) + wt * cfg.gamma_ood * he_ood
-        logs.update(he_cka_ood=float(he_ood.detach()), outlier_entropy=float(entropy.detach()))
+        logs.update(he_cka_ood=he_ood.detach(), outlier_entropy=entropy.detach())
     return total, logs
 
 
@@ -303,11 +303,11 @@ def _features(step: Step, params: Params, x: Tensor,
     return step.ensemble.features(x, modules, params=params)
 
 
-def _disagreement(logits: Tensor) -> float:
+def _disagreement(logits: Tensor) -> Tensor:
     """``diag_disagreement``: the mean pairwise disagreement of the members'
     predicted classes on the batch (:func:`diverse.math.metrics.disagreement`), the same
-    quantity the particle methods log."""
-    return float(metrics.disagreement(logits.detach().softmax(-1)).mean())
+    quantity the particle methods log (a 0-dim tensor: no host read)."""
+    return metrics.disagreement(logits.detach().softmax(-1)).mean()
 
 
 # ------------------------------------------------------------------ the methods
@@ -355,7 +355,7 @@ def build_svgd_cka(cfg: SVGDCKAConfig, data: TrainingData | None = None
         repulsion = (wt * cfg.gamma / m) * rep
         phi = driving - repulsion
         off = ~torch.eye(m, dtype=torch.bool, device=k.device)
-        logs = {"kernel_mean": float(k.detach()[off].mean()) if m > 1 else 0.0,
+        logs = {"kernel_mean": k.detach()[off].mean() if m > 1 else 0.0,
                 **interaction_logs(driving.norm(dim=-1), repulsion.norm(dim=-1)),
                 "disagreement": _disagreement(out)}
         return StepResult(loss=loss.detach(), outputs=out.detach(),

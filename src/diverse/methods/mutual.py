@@ -382,7 +382,7 @@ def build_mutual_bnn(cfg: MutualBNNConfig, data: TrainingData | None = None
         loss = (nll + cfg.kl_weight * kl + cfg.mutual_weight * mutual
                 - s * (cfg.alpha * d_param + cfg.beta * d_feat))
         grads = member_gradients(loss.sum(), params)
-        logs = {key: float(v.detach().mean()) for key, v in (
+        logs = {key: v.detach().mean() for key, v in (
             ("nll", nll), ("kl", kl), ("mutual", mutual), ("w2", off_diagonal_mean(w2)),
             ("param_div", d_param), ("feature_div", d_feat))}
         logs["diversity_scale"] = s
