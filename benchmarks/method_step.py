@@ -44,6 +44,8 @@ METHOD_TABLES = {
     "f-wgd-kde": {"name": "f-wgd", "estimator": "kde"},
     "f-wgd-ssge": {"name": "f-wgd", "estimator": "ssge"},
     "f-svgd": {"name": "f-svgd", "output": "logits"},
+    # without the function-space prior: no weight-prior draws, no prior forward
+    "f-wgd-kde-noprior": {"name": "f-wgd", "estimator": "kde"},
     "forde-pca": {"name": "forde", "lengthscales": "pca"},
     "forde-identity": {"name": "forde", "lengthscales": "identity"},
     "he-cka": {"name": "he-cka"},
@@ -62,9 +64,9 @@ def sync(device: torch.device) -> None:
 def make_stepper(model: str, method: str, members: int, device: torch.device, batch: int,
                  execution: str):
     model_table, shape = MODELS[model]
+    prior_std = 0.0 if method.endswith("-noprior") else 1.0
     cfg = config_from_dict({"model": model_table, "method": METHOD_TABLES[method],
-                            "ensemble": {"members": members, "execution": execution},
-                            "train": {"prior_std": 1.0}})
+                            "ensemble": {"members": members, "execution": execution}})
     x_train = torch.randn(512, *shape)
     data = Dataset("bench", "classification", x_train, torch.zeros(512, dtype=torch.long),
                    x_train, torch.zeros(512, dtype=torch.long), 10, {}, (0.0,), (1.0,))
@@ -81,7 +83,7 @@ def make_stepper(model: str, method: str, members: int, device: torch.device, ba
     count = iter(range(10**6, 10**9))  # step numbers past every warm-up, as in training
 
     def step() -> None:
-        result = update(Step(ens, x, y, lik, n_train=60000, prior_std=1.0, progress=0.5,
+        result = update(Step(ens, x, y, lik, n_train=60000, prior_std=prior_std, progress=0.5,
                              index=next(count)))
         if result.grads is not None:  # a sampler moves θ itself
             set_grads(ens.params, result.grads)  # as the training loop does

@@ -12,11 +12,7 @@ from diverse.errors import UserError
 from diverse.math import kernels
 from diverse.methods.base import DeepEnsembleConfig, Step, deep_ensemble
 from diverse.methods.forde import (
-    FoRDEConfig,
-    forde_embedding,
     forde_repulsion,
-    forde_repulsion_terms,
-    metric_matrix,
 )
 from diverse.methods.particles import (
     SVGDConfig,
@@ -31,7 +27,7 @@ from diverse.methods.particles import (
     wgd_direction,
     wgd_interaction,
 )
-from diverse.methods.spaces import identity_lengthscales, input_gradients, pca_lengthscales
+from diverse.methods.spaces import input_gradients, pca_lengthscales
 from diverse.nets.ensemble import Ensemble, flatten_params
 from diverse.nets.likelihoods import Categorical
 
@@ -254,42 +250,15 @@ def test_the_update_on_leaves_equals_the_update_on_flattened_particles(cfg):
     torch.testing.assert_close(repulsion.mean(), logs["repulsion_norm"])
 
 
-def test_prior_draws_are_exact_normal_reproducible_and_reuse_their_buffers():
-    params = {"w": torch.zeros(3, 300, 400), "b": torch.zeros(3, 5)}  # w: the parallel path
+def test_prior_draws_are_torch_randn_times_std_and_reuse_their_buffers():
+    params = {"w": torch.zeros(3, 30, 40), "b": torch.zeros(3, 5)}
     torch.manual_seed(4)
+    want = {k: torch.randn((8, *v.shape[1:])) * 0.5 for k, v in params.items()}
     out: dict = {}
-    draws = prior_draws(params, 8, 0.5, out=out)
-    assert draws["w"].shape == (8, 300, 400) and draws["b"].shape == (8, 5)
-    w = draws["w"].double().flatten()
-    n = w.numel()
-    assert abs(w.mean().item()) < 4 * 0.5 / n**0.5
-    assert abs(w.std().item() - 0.5) < 4 * 0.5 / (2 * n) ** 0.5
-    half = n // 2  # the parts come from different generators: uncorrelated
-    assert abs(torch.corrcoef(torch.stack([w[:half], w[half:2 * half]]))[0, 1]) < 4 / half**0.5
-    first = draws["w"].clone()
     torch.manual_seed(4)
+    draws = prior_draws(params, 8, 0.5, out=out)
+    for k in params:
+        assert torch.equal(draws[k], want[k])  # the same numbers, one pass
     again = prior_draws(params, 8, 0.5, out=out)
-    assert again["w"] is out["w"]  # the buffer is reused
-    assert torch.equal(again["w"], first)  # the global seed fixes the draws
-    torch.manual_seed(5)
-    assert not torch.equal(prior_draws(params, 8, 0.5)["w"], first)
-
-
-@pytest.mark.parametrize("pca", [True, False], ids=["pca", "identity"])
-def test_forde_repulsion_terms_equal_autograd_through_the_embedding(pca):
-    torch.manual_seed(1)
-    grads = torch.randn(5, 4, 1, 3, 3, dtype=torch.float64)  # (M, B, C, H, W)
-    metric = (pca_lengthscales(torch.randn(40, 1, 3, 3, dtype=torch.float64), alpha=0.7)
-              if pca else identity_lengthscales())
-    leaf = grads.clone().requires_grad_(True)
-    log_k_ref, logs_ref = forde_repulsion(forde_embedding(leaf, metric, 1e-12))
-    (v_ref,) = torch.autograd.grad(log_k_ref.sum(), leaf)
-    log_k, v, logs = forde_repulsion_terms(grads, metric_matrix(metric), 1e-12)
-    torch.testing.assert_close(log_k, log_k_ref.detach(), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(v, v_ref, rtol=1e-10, atol=1e-12)
-    assert math.isclose(float(logs["bandwidth"]), logs_ref["bandwidth"], rel_tol=1e-10)
-
-
-def test_forde_diagnostics_every_must_be_a_positive_integer():
-    with pytest.raises(UserError, match=r"diagnostics_every = 0: must be an integer >= 1"):
-        FoRDEConfig(diagnostics_every=0)
+    assert again["w"] is out["w"] and not torch.equal(again["w"], want["w"])  # fresh draws
+    assert prior_draws(params, 6, 0.5, out=out)["w"].shape == (6, 30, 40)  # a new size

@@ -16,14 +16,12 @@ import argparse
 import json
 import subprocess
 from pathlib import Path
-from unittest import mock
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from diverse.app.config import config_from_dict
 from diverse.data.datasets import Dataset
-from diverse.methods import particles
 from diverse.methods.base import Step, TrainingData
 from diverse.methods.catalog import Method
 from diverse.nets.likelihoods import Categorical
@@ -81,21 +79,8 @@ CASES: dict[str, tuple[dict, dict, int]] = {
 }
 
 
-def reference_prior_draws(params, count, std, out=None):
-    """The function-space prior draws of the commit the references were stored at (one
-    ``torch.randn`` per leaf). The draws are now made in parallel parts with their own
-    generators (same law, other numbers): the update given the draws must not change."""
-    return {k: torch.randn((count, *v.shape[1:]), dtype=v.dtype, device=v.device) * std
-            for k, v in params.items()}
-
-
 def compute(case: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """``(tensors, logs)`` of one step of ``case`` on its fixed data (float64)."""
-    with mock.patch.object(particles, "prior_draws", reference_prior_draws):
-        return _compute(case)
-
-
-def _compute(case: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     model, method_table, members = CASES[case]
     cfg = config_from_dict({"model": model, "method": method_table,
                             "ensemble": {"members": members, "execution": "vmap"},
