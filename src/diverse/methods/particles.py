@@ -246,7 +246,7 @@ def _mm(op64: Tensor, x: Tensor) -> Tensor:
 
 
 def leaf_update(it: Interaction, grads: Params, leaves: Params, all_grads: Params | None,
-                comm: Comm = SINGLE) -> Params:
+                comm: Comm = SINGLE) -> tuple[Params, Tensor]:
     """−φ on stacked leaves: ``A g + R x`` per leaf, one or two products each.
 
     Args:
@@ -258,33 +258,34 @@ def leaf_update(it: Interaction, grads: Params, leaves: Params, all_grads: Param
         comm: the sharding; this rank's rows of the operators are applied.
 
     Returns:
-        ``{name: (M/R, ...)}``: the gradient the optimizer descends.
+        ``{name: (M/R, ...)}``, the gradient the optimizer descends, and this rank's
+        members' norms ``(M/R,)`` of the driving term ``A d`` (read from ``A g``
+        before the repulsion is added: no Gram matrix of the gradients is needed).
     """
-    repel = comm.local(it.repel)
-    drive = it.drive if isinstance(it.drive, float) else comm.local(it.drive)
-    out = {}
+    first = next(iter(grads.values()))
+    repel = comm.local(it.repel).to(first.dtype)  # the operators in the leaves' dtype, once
+    drive = it.drive if isinstance(it.drive, float) else comm.local(it.drive).to(first.dtype)
+    out, norms = {}, []
     for name, g in grads.items():
         x = leaves[name].reshape(leaves[name].shape[0], -1)
-        r = repel.to(x.dtype)
         if isinstance(drive, float):  # WGD: a·g + R x, one product accumulated into g
-            step = g.reshape(g.shape[0], -1).addmm_(r, x, beta=drive)
+            rows = g.reshape(g.shape[0], -1)
+            norms.append(torch.linalg.vector_norm(rows, dim=1))
+            step = rows.addmm_(repel, x, beta=drive)
         else:
             assert all_grads is not None
-            step = drive.to(x.dtype) @ all_grads[name].reshape(x.shape[0], -1)
-            step.addmm_(r, x)
+            step = drive @ all_grads[name].reshape(x.shape[0], -1)
+            norms.append(torch.linalg.vector_norm(step, dim=1))
+            step.addmm_(repel, x)
         out[name] = step.view(g.shape)
-    return out
+    driving = torch.linalg.vector_norm(torch.stack(norms, 1).double(), dim=1)
+    return out, abs(drive) * driving if isinstance(drive, float) else driving
 
 
-def leaf_norms(it: Interaction, grad_gram: Tensor, gram: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-member norms ``(M,)`` of the driving term ``A d`` and the repulsion ``R z``
-    from the Gram matrices of the driving gradients and of the particles."""
-    if isinstance(it.drive, float):
-        driving = abs(it.drive) * grad_gram.diagonal().clamp_min(0).sqrt()
-    else:
-        driving = (it.drive @ grad_gram @ it.drive.mT).diagonal().clamp_min(0).sqrt()
-    repulsion = (it.repel @ gram @ it.repel.mT).diagonal().clamp_min(0).sqrt()
-    return driving, repulsion
+def repulsion_norms(it: Interaction, gram: Tensor) -> Tensor:
+    """Per-member norms ``(M,)`` of the repulsion ``R z``, from the particles' Gram matrix
+    (``‖(R z)_i‖² = (R G Rᵀ)_ii``)."""
+    return (it.repel @ gram @ it.repel.mT).diagonal().clamp_min(0).sqrt()
 
 
 def _diagnostics(it: Interaction, driving_norms: Tensor, repulsion_norms: Tensor
@@ -332,7 +333,7 @@ def weight_space(cfg: SVGDConfig, interactor: Interactor) -> Callable[[Step], St
 
     The interaction is computed on the stacked parameter leaves: squared distances
     from the float64 sum of per-leaf Gram matrices, the update as ``A g + R x`` per
-    leaf (:func:`leaf_update`), the diagnostics from the same Grams.
+    leaf (:func:`leaf_update`), the repulsion's norms from the same Gram.
     """
 
     def update(step: Step) -> StepResult:
@@ -349,17 +350,11 @@ def weight_space(cfg: SVGDConfig, interactor: Interactor) -> Callable[[Step], St
         it = interactor(kernels.sq_dists_from_gram(gram), a, c)
         mixes = not isinstance(it.drive, float)  # SVGD's driving term mixes members
         all_grads = gather_leaves(comm, grads) if mixes else None
-        if mixes:
-            grad_gram = kernels.gram(all_grads.values(), centre=False)
-        else:
-            # only the norms: one read of each leaf (no squared copy, no float64 copy)
-            grad_gram = torch.diag_embed(comm.gather(sum(
-                torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1).double().square()
-                for g in grads.values())))
-        logs = _diagnostics(it, *leaf_norms(it, grad_gram, gram))
+        update_grads, driving = leaf_update(it, grads, leaves, all_grads, comm)
+        logs = _diagnostics(it, comm.gather(driving), repulsion_norms(it, gram))
         logs.update(_disagreement(comm.gather(outputs.detach()), step), anneal=a)
-        return StepResult(loss=loss.detach(), outputs=outputs.detach(),
-                          grads=leaf_update(it, grads, leaves, all_grads, comm), logs=logs)
+        return StepResult(loss=loss.detach(), outputs=outputs.detach(), grads=update_grads,
+                          logs=logs)
 
     return update
 
