@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 import diverse
-from diverse.app.loop import Callback, TensorBatches
+from callbacks import Interrupt
+from diverse.app.loop import TensorBatches
 from diverse.errors import DivergenceError
 from diverse.methods.base import Step
 from diverse.nets.likelihoods import Categorical
@@ -68,15 +69,6 @@ def test_vmap_equals_loop(device, name):
     for key, want in grads[1].items():
         scale = max(want.abs().max().item(), 1e-6)
         torch.testing.assert_close(grads[0][key] / scale, want / scale, atol=2e-5, rtol=1e-4)
-
-
-class Interrupt(Callback):
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_step(self, step, result):
-        if step == self.at:
-            raise KeyboardInterrupt
 
 
 def _run(device: str, name: str, run_dir, **kwargs):

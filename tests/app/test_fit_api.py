@@ -16,7 +16,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import diverse
-from diverse.app.loop import Callback, TensorBatches
+from callbacks import Interrupt
+from diverse.app.loop import TensorBatches
 from diverse.app.train import predict_trained
 from diverse.errors import UserError
 from diverse.methods.spaces import pca_lengthscales, pca_lengthscales_from_batches
@@ -96,15 +97,6 @@ def test_fit_learns_the_separable_images(tmp_path):
     history = diverse.fit(ensemble, method, loader(), n_train=N, train=train, val=images(),
                           show_progress=False).history
     assert history[-1]["val_accuracy"] > 0.9 > history[0]["val_accuracy"] - 0.5
-
-
-class Interrupt(Callback):
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_step(self, step, result):
-        if step == self.at:
-            raise KeyboardInterrupt
 
 
 class Augmented(torch.utils.data.Dataset):
