@@ -5,7 +5,9 @@ update direction ``v`` computed in the embedding space returns to the weights
 by a vector-Jacobian product (:func:`diverse.nets.ensemble.pull_back`):
 ``Δw_m = J_m(w_m)ᵀ v_m``. The member axis stays first.
 
-* weights: ``(M, D)``, the flattened parameters (Jacobian = identity);
+* weights: ``(M, D)``, the flattened parameters (Jacobian = identity); the
+  weight-space particle methods work on the stacked leaves themselves
+  (:func:`diverse.methods.particles.leaf_update`), never on this copy;
 * function outputs on a batch: ``(M, B·C)`` softmax probabilities (the
   repulsive-ensembles reference) or logits;
 * input gradients of the true-label logit (FoRDE, seed 002):
