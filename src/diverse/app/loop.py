@@ -312,8 +312,8 @@ class _Divergence:
     """
 
     def __init__(self, device: torch.device, comm: Comm, step: int,
-                 kept: Callable[[], str], deferred: bool | None = None) -> None:
-        self.deferred = device.type != "cpu" if deferred is None else deferred
+                 kept: Callable[[], str], deferred: bool) -> None:
+        self.deferred = deferred  # the loop's choice: not HOST_READS_EVERY_STEP
         self.comm = comm
         self.kept = kept  # what is kept, said in the message
         if self.deferred:
