@@ -46,6 +46,7 @@ def _looped(target: nn.Module, params: dict, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize(("field", "value"), [
     ("z_dim", 0), ("hidden", -1), ("depth", 0), ("code_dim", 1), ("train_members", 0),
     ("predict_members", 2.5), ("chunk", -1), ("seed", -3), ("z_dim", True),
+    ("code_lr", 0.0), ("code_lr", float("inf")), ("code_lr", "fast"),
 ])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(UserError, match=field):
@@ -121,6 +122,40 @@ def test_chunked_generator_matches_its_equation():
         pieces = [gen.basis @ (gen.mix[j] @ code[k]) for j in range(5)]
         flat = torch.cat(pieces)[:35] + gen.bias
         torch.testing.assert_close(out[k], flat.reshape(7, 5))
+
+
+@pytest.mark.parametrize("kind", ["linear", "chunked"])
+def test_code_lr_keeps_the_init_and_scales_the_first_adam_step(kind):
+    # θ = r·G' c/code_dim + b with G' = G·code_dim/r: same tensors at init; Adam's first
+    # step is lr·sign(grad) on G', so the member-specific part G moves r times as far
+    def make(code_lr):
+        torch.manual_seed(0)
+        if kind == "linear":
+            return LinearGenerator((6, 4), code_dim=5, mean=0.0, std=0.3,
+                                   code_lr=code_lr).double()
+        return ChunkedGenerator((6, 4), code_dim=5, mean=0.0, std=0.3, chunk=10,
+                                code_lr=code_lr).double()
+
+    def effective(gen):  # the member-specific linear map, code → flat tensor minus offset
+        eye = torch.eye(5, dtype=torch.float64)
+        return (gen(eye).reshape(5, -1) - gen.bias).detach()
+
+    code = torch.randn(3, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    target = torch.randn(3, 6, 4, generator=torch.Generator().manual_seed(2),
+                         dtype=torch.float64)
+    moves = {}
+    for code_lr in (1.0, 4.0):
+        gen = make(code_lr)
+        before = effective(gen)
+        if code_lr == 1.0:
+            reference = before
+        else:
+            torch.testing.assert_close(before, reference, rtol=1e-12, atol=1e-14)
+        opt = torch.optim.Adam([gen.weight if kind == "linear" else gen.basis], lr=1e-3)
+        (gen(code) - target).square().sum().backward()
+        opt.step()
+        moves[code_lr] = effective(gen) - before
+    torch.testing.assert_close(moves[4.0], 4.0 * moves[1.0], rtol=1e-4, atol=0)  # Adam's eps
 
 
 # ----------------------------------------------------------------- forward

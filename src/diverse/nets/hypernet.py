@@ -123,6 +123,7 @@ class HyperNetConfig:
     predict_members: int = 10
     seed: int = 0
     spread: float = 0.1
+    code_lr: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("z_dim", "hidden", "depth", "code_dim", "train_members", "predict_members"):
@@ -135,6 +136,9 @@ class HyperNetConfig:
             )
         if not 0 < self.spread <= 1:
             raise UserError(f"hypernet spread = {self.spread!r}: must be in (0, 1]")
+        if not (isinstance(self.code_lr, (int, float)) and math.isfinite(self.code_lr)
+                and self.code_lr > 0):
+            raise UserError(f"hypernet code_lr = {self.code_lr!r}: must be a number > 0")
         if not _is_int(self.seed) or self.seed < 0:
             raise UserError(f"hypernet seed = {self.seed!r}: must be an integer >= 0")
 
@@ -164,16 +168,21 @@ class LinearGenerator(nn.Module):
 
     ``θ = G c + b``: code ``(K, code_dim)`` → tensor ``(K, *shape)``. Init:
     ``G ~ N(0, std²/code_dim)``, ``b = mean`` (see the module docstring).
+    G is stored as ``weight = G·code_dim/code_lr`` and applied as
+    ``weight·(code·code_lr/code_dim)``.
     """
 
-    def __init__(self, shape: Sequence[int], code_dim: int, mean: float, std: float) -> None:
+    def __init__(self, shape: Sequence[int], code_dim: int, mean: float, std: float,
+                 code_lr: float = 1.0) -> None:
         super().__init__()
         self.shape = tuple(shape)
         numel = math.prod(self.shape)
-        # stored × code_dim and applied to code / code_dim: same init, but an Adam step
-        # of size lr on every entry moves a generated weight by ~lr, not ~code_dim·lr
-        self.code_scale = 1.0 / code_dim
-        self.weight = nn.Parameter(torch.randn(numel, code_dim) * (std * math.sqrt(code_dim)))
+        # stored × code_dim/code_lr and applied to code·code_lr/code_dim: same init, but an
+        # Adam step of size lr on every entry moves a generated weight by ~code_lr·lr, not
+        # ~code_dim·lr
+        self.code_scale = code_lr / code_dim
+        self.weight = nn.Parameter(torch.randn(numel, code_dim)
+                                   * (std * math.sqrt(code_dim) / code_lr))
         self.bias = nn.Parameter(torch.as_tensor(mean, dtype=torch.float32).expand(numel).clone()
                                  if not isinstance(mean, Tensor) else mean.reshape(-1).clone())
 
@@ -189,25 +198,29 @@ class ChunkedGenerator(nn.Module):
     ``B (A_j c) + b[piece j]`` with ``mix`` A: ``(n, code_dim, code_dim)``,
     ``basis`` B: ``(chunk, code_dim)``, ``bias`` b: ``(numel,)``. Code
     ``(K, code_dim)`` → tensor ``(K, *shape)``. Init: ``A ~ N(0, 1/code_dim)``,
-    ``B ~ N(0, std²/code_dim)``, ``b = mean``.
+    ``B ~ N(0, std²/code_dim)``, ``b = mean``. B is stored as ``basis =
+    B/code_lr`` and applied as ``code_lr·basis``.
     """
 
     def __init__(
-        self, shape: Sequence[int], code_dim: int, mean: float, std: float, chunk: int
+        self, shape: Sequence[int], code_dim: int, mean: float, std: float, chunk: int,
+        code_lr: float = 1.0,
     ) -> None:
         super().__init__()
         self.shape = tuple(shape)
         self.numel = math.prod(self.shape)
         pieces = -(-self.numel // chunk)
         self.mix = nn.Parameter(torch.randn(pieces, code_dim, code_dim) / math.sqrt(code_dim))
-        self.basis = nn.Parameter(torch.randn(chunk, code_dim) * (std / math.sqrt(code_dim)))
+        self.code_lr = code_lr
+        self.basis = nn.Parameter(torch.randn(chunk, code_dim)
+                                  * (std / math.sqrt(code_dim) / code_lr))
         self.bias = nn.Parameter(torch.as_tensor(mean, dtype=torch.float32).expand(self.numel)
                                  .clone() if not isinstance(mean, Tensor)
                                  else mean.reshape(-1).clone())
 
     def forward(self, code: Tensor) -> Tensor:
         piece_codes = torch.einsum("kc,jdc->kjd", code, self.mix)  # (K, n, code_dim)
-        flat = (piece_codes @ self.basis.T).reshape(code.shape[0], -1)[:, : self.numel]
+        flat = (piece_codes @ (self.basis.T * self.code_lr)).reshape(code.shape[0], -1)[:, : self.numel]
         return (flat + self.bias).reshape(code.shape[0], *self.shape)
 
 
@@ -281,10 +294,11 @@ class HyperNetwork(nn.Module):
                 mean, std = tensor.detach().float() * math.sqrt(1 - cfg.spread**2), std * cfg.spread
             if cfg.chunk and tensor.numel() > cfg.chunk:
                 generators.append(
-                    ChunkedGenerator(tensor.shape, cfg.code_dim, mean, std, cfg.chunk)
-                )
+                    ChunkedGenerator(tensor.shape, cfg.code_dim, mean, std, cfg.chunk,
+                                     cfg.code_lr))
             else:
-                generators.append(LinearGenerator(tensor.shape, cfg.code_dim, mean, std))
+                generators.append(LinearGenerator(tensor.shape, cfg.code_dim, mean, std,
+                                                  cfg.code_lr))
         self.generators = nn.ModuleList(generators)
 
         self.buffer_names: tuple[str, ...] = tuple(n for n, _ in target.named_buffers())
