@@ -220,7 +220,8 @@ class ChunkedGenerator(nn.Module):
 
     def forward(self, code: Tensor) -> Tensor:
         piece_codes = torch.einsum("kc,jdc->kjd", code, self.mix)  # (K, n, code_dim)
-        flat = (piece_codes @ (self.basis.T * self.code_lr)).reshape(code.shape[0], -1)[:, : self.numel]
+        flat = (piece_codes @ (self.basis.T * self.code_lr)).reshape(code.shape[0], -1)
+        flat = flat[:, : self.numel]
         return (flat + self.bias).reshape(code.shape[0], *self.shape)
 
 
