@@ -58,6 +58,12 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "lr0.0065-gamma0.02-code_lr0.25": (HYPER, [*BASE, "train.lr=0.0065", "method.gamma=0.02",
                                                "method.code_lr=0.25"]),
     "lr0.01-gamma0.02": (HYPER, [*BASE, "train.lr=0.01", "method.gamma=0.02"]),
+    "lr0.0065-gamma0.02-weight_norm": (HYPER, [*BASE, "train.lr=0.0065", "method.gamma=0.02",
+                                               "method.weight_norm=true"]),
+    "lr0.0065-gamma0.1-weight_norm": (HYPER, [*BASE, "train.lr=0.0065", "method.gamma=0.1",
+                                              "method.weight_norm=true"]),
+    "lr0.0065-gamma0.02-spread0.3": (HYPER, [*BASE, "train.lr=0.0065", "method.gamma=0.02",
+                                             "method.spread=0.3"]),
 }
 
 

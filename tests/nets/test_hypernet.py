@@ -10,7 +10,13 @@ from torch import nn
 from torch.func import functional_call
 
 from diverse.errors import UserError
-from diverse.nets.hypernet import ChunkedGenerator, HyperNetConfig, HyperNetwork, LinearGenerator
+from diverse.nets.hypernet import (
+    ChunkedGenerator,
+    HyperNetConfig,
+    HyperNetwork,
+    LinearGenerator,
+    NormalizedGenerator,
+)
 from diverse.nets.models import LeNetConfig, MLPConfig, ResNetConfig, build_model
 
 SMALL = HyperNetConfig(z_dim=8, hidden=32, code_dim=8, train_members=3, predict_members=4)
@@ -46,7 +52,8 @@ def _looped(target: nn.Module, params: dict, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize(("field", "value"), [
     ("z_dim", 0), ("hidden", -1), ("depth", 0), ("code_dim", 1), ("train_members", 0),
     ("predict_members", 2.5), ("chunk", -1), ("seed", -3), ("z_dim", True),
-    ("code_lr", 0.0), ("code_lr", float("inf")), ("code_lr", "fast"),
+    ("code_lr", 0.0), ("code_lr", float("inf")), ("code_lr", "fast"), ("weight_norm", "yes"),
+    ("weight_norm", 1),
 ])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(UserError, match=field):
@@ -156,6 +163,40 @@ def test_code_lr_keeps_the_init_and_scales_the_first_adam_step(kind):
         opt.step()
         moves[code_lr] = effective(gen) - before
     torch.testing.assert_close(moves[4.0], 4.0 * moves[1.0], rtol=1e-4, atol=0)  # Adam's eps
+
+
+@pytest.mark.parametrize("case", ["lenet5", "resnet20-gn"])
+def test_weight_norm_gives_every_member_the_shared_row_norms(case):
+    target, plain, _ = _make(case)
+    _, normed, _ = _make(case, dataclasses.replace(SMALL, weight_norm=True))
+    init = dict(target.named_parameters())
+    z = torch.randn(3, SMALL.z_dim)
+    with torch.no_grad():
+        p_plain, p_normed = plain.generate(z), normed.generate(z)
+    wrapped = 0
+    for name, gen, tensor in zip(normed.names, normed.generators, init.values(), strict=True):
+        if isinstance(gen, NormalizedGenerator):
+            wrapped += 1
+            assert tensor.dim() >= 2
+            # row norms = the gain, initialized to the target's own row norms, for every member
+            rows = p_normed[name].flatten(2).norm(dim=2)
+            torch.testing.assert_close(rows, tensor.flatten(1).norm(dim=1).expand(3, -1))
+            # same directions as the unnormalized generator of the same init draw
+            unit = p_plain[name].flatten(2) / p_plain[name].flatten(2).norm(dim=2, keepdim=True)
+            torch.testing.assert_close(p_normed[name].flatten(2) / rows.unsqueeze(2), unit)
+        else:  # biases and constant tensors are generated as without weight_norm
+            torch.testing.assert_close(p_normed[name], p_plain[name])
+    assert wrapped == sum(t.dim() >= 2 for t in init.values() if t.std() > 0)
+
+
+def test_normalized_generator_gain_sets_the_norm_and_gets_gradients():
+    torch.manual_seed(0)
+    gen = NormalizedGenerator(LinearGenerator((4, 3), code_dim=5, mean=0.0, std=0.5),
+                              torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    out = gen(torch.randn(2, 5))
+    torch.testing.assert_close(out.norm(dim=2), torch.tensor([[1.0, 2.0, 3.0, 4.0]] * 2))
+    out[:, 1].sum().backward()
+    assert gen.gain.grad[1] != 0 and bool((gen.gain.grad[[0, 2, 3]] == 0).all())
 
 
 # ----------------------------------------------------------------- forward

@@ -139,6 +139,8 @@ class HyperHECKAConfig(HECKAConfig):
             generated networks (0.1).
         code_lr: step size of the member-specific part of the generated
             weights relative to the mean network's, under Adam (1.0).
+        weight_norm: weight-normalized generated weights, code → row
+            directions, shared gains → row norms (false).
     """
 
     name: str = "hyper-he-cka"
@@ -148,13 +150,14 @@ class HyperHECKAConfig(HECKAConfig):
     predict_members: int = 10
     spread: float = 0.1
     code_lr: float = 1.0
+    weight_norm: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         # the hypernetwork's own rules, checked when the config is read
         HyperNetConfig(z_dim=self.z_dim, hidden=self.hidden, code_dim=self.code_dim,
                        predict_members=self.predict_members, spread=self.spread,
-                       code_lr=self.code_lr)
+                       code_lr=self.code_lr, weight_norm=self.weight_norm)
 
 
 @dataclass(frozen=True)
@@ -373,7 +376,8 @@ def hyper_config(cfg: HyperHECKAConfig, members: int, seed: int) -> HyperNetConf
     """The hypernetwork settings of a method config (``members`` generated per step)."""
     return HyperNetConfig(z_dim=cfg.z_dim, hidden=cfg.hidden, code_dim=cfg.code_dim,
                           train_members=members, predict_members=cfg.predict_members,
-                          seed=seed, spread=cfg.spread, code_lr=cfg.code_lr)
+                          seed=seed, spread=cfg.spread, code_lr=cfg.code_lr,
+                          weight_norm=cfg.weight_norm)
 
 
 def wrap_hypernetwork(cfg: HyperHECKAConfig, target: nn.Module, members: int,

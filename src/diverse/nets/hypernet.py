@@ -76,7 +76,7 @@ from diverse.errors import UserError
 from diverse.nets.ensemble import Params, capturing
 
 __all__ = ["HyperNetConfig", "HyperNetwork", "LinearGenerator", "ChunkedGenerator",
-           "generate_with"]
+           "NormalizedGenerator", "generate_with"]
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,13 @@ class HyperNetConfig:
             accuracy 0.839 / 0.845 / 0.848 and last-layer CKA between members
             0.47 / 0.56 / 0.39: the diversity term, not the init, sets how far
             members end apart. Default ``0.1``.
+        code_lr: step size of the member-specific part of the generated
+            weights relative to the mean network's under Adam (see
+            :class:`LinearGenerator`); default ``1.0``.
+        weight_norm: generate each randomly initialized weight (≥ 2 dims) in
+            weight-normalized form (Salimans & Kingma 2016): the code sets
+            each output row's direction, a shared learned gain its norm
+            (:class:`NormalizedGenerator`); default ``False``.
     """
 
     z_dim: int = 32
@@ -124,6 +131,7 @@ class HyperNetConfig:
     seed: int = 0
     spread: float = 0.1
     code_lr: float = 1.0
+    weight_norm: bool = False
 
     def __post_init__(self) -> None:
         for name in ("z_dim", "hidden", "depth", "code_dim", "train_members", "predict_members"):
@@ -139,6 +147,8 @@ class HyperNetConfig:
         if not (isinstance(self.code_lr, (int, float)) and math.isfinite(self.code_lr)
                 and self.code_lr > 0):
             raise UserError(f"hypernet code_lr = {self.code_lr!r}: must be a number > 0")
+        if not isinstance(self.weight_norm, bool):
+            raise UserError(f"hypernet weight_norm = {self.weight_norm!r}: must be true or false")
         if not _is_int(self.seed) or self.seed < 0:
             raise UserError(f"hypernet seed = {self.seed!r}: must be an integer >= 0")
 
@@ -225,6 +235,27 @@ class ChunkedGenerator(nn.Module):
         return (flat + self.bias).reshape(code.shape[0], *self.shape)
 
 
+class NormalizedGenerator(nn.Module):
+    """A generator's tensor in weight-normalized form (Salimans & Kingma 2016).
+
+    ``θ_k[i] = g_i · v_k[i] / ‖v_k[i]‖`` for each output row i (the first
+    axis) of the inner generator's ``v`` ``(K, out, ...)``: the code chooses
+    the rows' directions, the learned ``gain`` g ``(out,)``, shared by all
+    members, their norms. Init: g = the row norms of the target's own initial
+    tensor, so every generated network starts with the target's row norms.
+    """
+
+    def __init__(self, generator: nn.Module, gain: Tensor) -> None:
+        super().__init__()
+        self.generator = generator
+        self.gain = nn.Parameter(gain.detach().float().clone())
+
+    def forward(self, code: Tensor) -> Tensor:
+        v = self.generator(code)
+        norms = v.flatten(2).norm(dim=2).clamp_min(1e-12)  # (K, out)
+        return v * (self.gain / norms).reshape(*norms.shape, *(1,) * (v.dim() - 2))
+
+
 # ---------------------------------------------------------------- hypernetwork
 def _check_target(target: nn.Module) -> None:
     for name, mod in target.named_modules():
@@ -300,6 +331,9 @@ class HyperNetwork(nn.Module):
             else:
                 generators.append(LinearGenerator(tensor.shape, cfg.code_dim, mean, std,
                                                   cfg.code_lr))
+            if cfg.weight_norm and std > 0 and tensor.dim() >= 2:
+                generators[-1] = NormalizedGenerator(
+                    generators[-1], tensor.detach().flatten(1).norm(dim=1))
         self.generators = nn.ModuleList(generators)
 
         self.buffer_names: tuple[str, ...] = tuple(n for n, _ in target.named_buffers())
