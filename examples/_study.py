@@ -6,11 +6,13 @@ Used by ``examples/hypernetwork_study.py`` and ``examples/mutual_bnn_study.py``.
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -68,3 +70,24 @@ def table(rows: dict[str, list[dict[str, float]]]) -> str:
             cells.append(cell)
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def main(doc: str, variants: Mapping[str, tuple[str, Sequence[str]]], title: str, *,
+         seeds: Sequence[int], epochs: int, out: str) -> None:
+    """A study's command line: train ``--variants`` (name → (config, overrides)) at
+    ``--seeds`` for ``--epochs`` into ``--out/<name>-s<seed>`` and print the table."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--variants", nargs="+", default=list(variants), choices=list(variants))
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(seeds))
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--out", type=Path, default=Path(out))
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    rows = {}
+    for name in args.variants:
+        config, overrides = variants[name]
+        rows[name] = [figures(train(config, overrides, args.out / f"{name}-s{seed}", args.epochs,
+                                    seed)) for seed in args.seeds]
+        print(f"{name}: done", file=sys.stderr)
+    print(f"{title}, {args.epochs} epoch(s), seeds {args.seeds}")
+    print(table(rows))

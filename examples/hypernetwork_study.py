@@ -18,12 +18,7 @@ at the ensemble's budget").
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-from pathlib import Path
-
-from _study import figures, table, train
+import _study as study
 
 DE, HYPER = "examples/fmnist_lenet_de.toml", "examples/fmnist_lenet_hyper.toml"
 BASE = ["method.gamma=0.25", "method.code_lr=1.0", "train.lr=0.002"]  # hyper's old defaults
@@ -57,7 +52,15 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "lr0.0065-gamma0.1": (HYPER, [*BASE, "train.lr=0.0065", "method.gamma=0.1"]),
     "lr0.0065-gamma0.02-code_lr0.25": (HYPER, [*BASE, "train.lr=0.0065", "method.gamma=0.02",
                                                "method.code_lr=0.25"]),
+    "lr0.0065-gamma0.02-code_lr0.1": (HYPER, [*BASE, "train.lr=0.0065", "method.gamma=0.02",
+                                              "method.code_lr=0.1"]),
+    "lr0.0065-gamma0.05-code_lr0.25": (HYPER, [*BASE, "train.lr=0.0065", "method.gamma=0.05",
+                                               "method.code_lr=0.25"]),
+    "lr0.0065-gamma0.1-code_lr0.25": (HYPER, [*BASE, "train.lr=0.0065", "method.gamma=0.1",
+                                              "method.code_lr=0.25"]),
     "lr0.01-gamma0.02": (HYPER, [*BASE, "train.lr=0.01", "method.gamma=0.02"]),
+    "lr0.01-gamma0.02-code_lr0.25": (HYPER, [*BASE, "train.lr=0.01", "method.gamma=0.02",
+                                             "method.code_lr=0.25"]),
     "lr0.0065-gamma0.02-weight_norm": (HYPER, [*BASE, "train.lr=0.0065", "method.gamma=0.02",
                                                "method.weight_norm=true"]),
     "lr0.0065-gamma0.1-weight_norm": (HYPER, [*BASE, "train.lr=0.0065", "method.gamma=0.1",
@@ -68,21 +71,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path("runs/hyper-study"))
-    args = parser.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    rows = {}
-    for name in args.variants:
-        config, overrides = VARIANTS[name]
-        rows[name] = [figures(train(config, overrides, args.out / f"{name}-s{seed}", args.epochs,
-                                    seed)) for seed in args.seeds]
-        print(f"{name}: done", file=sys.stderr)
-    print(f"LeNet-5 × 5, Fashion-MNIST, {args.epochs} epoch(s), seeds {args.seeds}")
-    print(table(rows))
+    study.main(__doc__, VARIANTS, "LeNet-5 × 5, Fashion-MNIST", seeds=[0], epochs=1,
+               out="runs/hyper-study")
 
 
 if __name__ == "__main__":

@@ -16,32 +16,15 @@ not run again, so the study can be stopped, resumed or spread over processes
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-from pathlib import Path
+import _study as study
 
-from _study import figures, table, train
-
-VARIANTS = ("mutual_bnn", "mutual_bnn_param", "mutual_bnn_feature", "mutual_bnn_both")
+VARIANTS = {name: (f"examples/fmnist_lenet_{name}.toml", [])
+            for name in ("mutual_bnn", "mutual_bnn_param", "mutual_bnn_feature", "mutual_bnn_both")}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--out", type=Path, default=Path("runs/mutual-study"))
-    args = parser.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    rows = {}
-    for name in args.variants:
-        rows[name] = [figures(train(f"examples/fmnist_lenet_{name}.toml", [],
-                                    args.out / f"{name}-s{seed}", args.epochs, seed))
-                      for seed in args.seeds]
-        print(f"{name}: done", file=sys.stderr)
-    print(f"LeNet-5 × 2 peers, Fashion-MNIST, {args.epochs} epochs, seeds {args.seeds}")
-    print(table(rows))
+    study.main(__doc__, VARIANTS, "LeNet-5 × 2 peers, Fashion-MNIST", seeds=[0, 1, 2],
+               epochs=10, out="runs/mutual-study")
 
 
 if __name__ == "__main__":
