@@ -20,6 +20,9 @@ import _study as study
 
 VARIANTS = {name: (f"examples/fmnist_lenet_{name}.toml", [])
             for name in ("mutual_bnn", "mutual_bnn_param", "mutual_bnn_feature", "mutual_bnn_both")}
+# a weaker feature term: is β = 2 simply too strong for LeNet-5 at 10 epochs?
+VARIANTS["mutual_bnn_both-beta0.5"] = ("examples/fmnist_lenet_mutual_bnn_both.toml",
+                                       ["method.beta=0.5"])
 
 
 def main() -> None:
