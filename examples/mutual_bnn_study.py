@@ -23,6 +23,9 @@ VARIANTS = {name: (f"examples/fmnist_lenet_{name}.toml", [])
 # a weaker feature term: is β = 2 simply too strong for LeNet-5 at 10 epochs?
 VARIANTS["mutual_bnn_both-beta0.5"] = ("examples/fmnist_lenet_mutual_bnn_both.toml",
                                        ["method.beta=0.5"])
+# the paper's schedule: 200 epochs of mutual learning, then 100 with the diversity terms
+VARIANTS["mutual_bnn_both-start0.67"] = ("examples/fmnist_lenet_mutual_bnn_both.toml",
+                                         ["method.diversity_start=0.667"])
 
 
 def main() -> None:
