@@ -81,13 +81,23 @@ def main(doc: str, variants: Mapping[str, tuple[str, Sequence[str]]], title: str
     parser.add_argument("--seeds", nargs="+", type=int, default=list(seeds))
     parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--out", type=Path, default=Path(out))
+    parser.add_argument("--table-only", action="store_true",
+                        help="train nothing: tabulate the runs that have finished")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     rows = {}
     for name in args.variants:
         config, overrides = variants[name]
-        rows[name] = [figures(train(config, overrides, args.out / f"{name}-s{seed}", args.epochs,
-                                    seed)) for seed in args.seeds]
+        folders = [args.out / f"{name}-s{seed}" for seed in args.seeds]
+        if args.table_only:
+            folders = [f for f in folders if (f / "metrics.json").exists()]
+        else:
+            folders = [train(config, overrides, f, args.epochs, seed)
+                       for f, seed in zip(folders, args.seeds, strict=True)]
+        if folders:
+            rows[name] = [figures(f) for f in folders]
         print(f"{name}: done", file=sys.stderr)
+    if not rows:
+        raise SystemExit(f"no finished runs under {args.out}")
     print(f"{title}, {args.epochs} epoch(s), seeds {args.seeds}")
     print(table(rows))

@@ -2,6 +2,7 @@
 on Fashion-MNIST, 10 epochs, with and without the diversity terms.
 
     python examples/mutual_bnn_study.py --seeds 0 1 2 --out runs/mutual-study
+    python examples/mutual_bnn_study.py --out runs/mutual-study --table-only   # what has finished
 
 Each variant is ``diverse train examples/fmnist_lenet_<variant>.toml --set
 train.epochs=10 --set train.seed=S`` into ``<out>/<variant>-s<S>``: plain mutual

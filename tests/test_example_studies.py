@@ -8,6 +8,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 spec = importlib.util.spec_from_file_location("_study", EXAMPLES / "_study.py")
 study = importlib.util.module_from_spec(spec)
@@ -43,3 +45,20 @@ def test_table_gives_mean_and_sample_sd_per_variant(tmp_path):
     assert lines[2].startswith("| x | 3 | 0.8300 ± 0.0361 | 0.6000 ± 0.0000 |")
     assert lines[2].endswith("| 20 ± 10 |")
     assert lines[3].startswith("| one | 1 | 0.8000 | 0.6000 |")
+
+
+def test_table_only_tabulates_finished_runs_and_trains_nothing(tmp_path, monkeypatch, capsys):
+    _run(tmp_path / "a-s0", 0.80, 1.0)
+    _run(tmp_path / "a-s2", 0.84, 1.0)  # seed 1 never finished; b never ran
+    monkeypatch.setattr(study, "train", lambda *args: pytest.fail("trained"))
+    monkeypatch.setattr("sys.argv", ["study", "--seeds", "0", "1", "2", "--out", str(tmp_path),
+                                     "--table-only"])
+    study.main("doc", {"a": ("a.toml", []), "b": ("b.toml", [])}, "title", seeds=[0],
+               epochs=1, out="unused")
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "title, 1 epoch(s), seeds [0, 1, 2]"
+    assert out[3].startswith("| a | 2 | 0.8200 ± 0.0283 |") and len(out) == 4
+    monkeypatch.setattr("sys.argv", ["study", "--variants", "b", "--out", str(tmp_path),
+                                     "--table-only"])
+    with pytest.raises(SystemExit, match="no finished runs"):
+        study.main("doc", {"b": ("b.toml", [])}, "title", seeds=[0], epochs=1, out="unused")
