@@ -84,7 +84,8 @@ def main(doc: str, variants: Mapping[str, tuple[str, Sequence[str]]], title: str
     parser.add_argument("--table-only", action="store_true",
                         help="train nothing: tabulate the runs that have finished")
     args = parser.parse_args()
-    os.makedirs(args.out, exist_ok=True)
+    if not args.table_only:
+        os.makedirs(args.out, exist_ok=True)
     rows = {}
     for name in args.variants:
         config, overrides = variants[name]
