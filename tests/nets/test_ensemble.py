@@ -29,7 +29,7 @@ CASES = {
 
 def _loss_grads(ens: Ensemble, x: torch.Tensor, execution: str):
     params = {k: v.detach().clone().requires_grad_(True) for k, v in ens.params.items()}
-    buffers = {k: v.clone() for k, v in ens.buffers.items()}
+    buffers = {k: v.clone() for k, v in ens.member_buffers.items()}
     out = ens.apply(params, x, buffers=buffers, execution=execution)
     # a loss that weights members differently, so a mix-up of members would show
     weights = torch.arange(1, out.shape[0] + 1, dtype=out.dtype).view(-1, 1, 1)
@@ -61,7 +61,7 @@ def test_vmap_and_loop_agree_on_outputs_gradients_and_buffers(case, training, dt
         torch.testing.assert_close(buf_v[k], buf_l[k], atol=1e-6, rtol=1e-5)
     if training and case == "resnet20-bn":
         moved = [k for k in buf_v if k.endswith("running_mean")]
-        assert moved and not torch.equal(buf_v[moved[0]], ens.buffers[moved[0]])
+        assert moved and not torch.equal(buf_v[moved[0]], ens.member_buffers[moved[0]])
 
 
 def test_members_match_their_own_modules_and_per_member_inputs():
@@ -151,14 +151,14 @@ def test_auto_execution_times_both_and_leaves_no_trace():
     torch.manual_seed(0)
     factory, shape = CASES["resnet20-bn"]
     ens = Ensemble(factory, 2, seed=0, execution="auto").train()
-    before = {k: v.clone() for k, v in ens.buffers.items()}
+    before = {k: v.clone() for k, v in ens.member_buffers.items()}
     x = torch.randn(4, *shape)
     rng = torch.get_rng_state()
     choice, times = ens.time_executions(x, repeats=1)
     assert choice in ("vmap", "loop") and times[choice] == min(times.values())
     assert torch.equal(torch.get_rng_state(), rng)
     for k in before:
-        assert torch.equal(before[k], ens.buffers[k])
+        assert torch.equal(before[k], ens.member_buffers[k])
 
 
 def test_bad_members_and_execution():
@@ -203,6 +203,6 @@ def test_state_tensors_leave_out_derived_buffers_and_loading_ignores_old_extras(
     other.load_state_tensors(old)  # an older checkpoint that saved the derived buffer
     for k in state:
         torch.testing.assert_close(other.state_tensors()[k], state[k] + 1)
-    assert not torch.equal(other.buffers["codes"], torch.full((2, 4), 7.0))
+    assert not torch.equal(other.member_buffers["codes"], torch.full((2, 4), 7.0))
     with pytest.raises(UserError, match="checkpoint tensor 'count' does not match"):
         other.load_state_tensors({k: v for k, v in state.items() if k != "count"})

@@ -73,10 +73,10 @@ def test_samples_round_trip_through_safetensors_with_a_checked_manifest(tmp_path
 def test_prediction_through_samples_equals_the_ensemble_in_eval_mode():
     ens = Ensemble(small_net, 3, seed=1, execution="loop")
     with torch.no_grad():  # non-trivial BatchNorm statistics per member
-        ens.buffers["2.running_mean"].normal_()
-        ens.buffers["2.running_var"].uniform_(0.5, 2.0)
+        ens.member_buffers["2.running_mean"].normal_()
+        ens.member_buffers["2.running_var"].uniform_(0.5, 2.0)
     skeleton = small_net()
-    samples = collect_members(skeleton, ens.params, ens.buffers)
+    samples = collect_members(skeleton, ens.params, ens.member_buffers)
     assert samples.count == 3 and samples.draws == 1
     x = torch.randn(11, 6)
     expected = Categorical().predict(ens.eval()(x))["probs"]

@@ -337,7 +337,7 @@ def train_or_reuse(cfg: Config, run_dir: Path, dataset: Any, show_progress: bool
     train(run, run_dir, resume=resume, show_progress=show_progress)
     if run.samples is None:  # deep ensemble: the members are the samples
         skeleton = base_model(cfg, run.dataset, run.likelihood)
-        run.samples = collect_members(skeleton, run.ensemble.params, run.ensemble.buffers)
+        run.samples = collect_members(skeleton, run.ensemble.params, run.ensemble.member_buffers)
         save_samples(run_dir, run.samples, cfg.method.name, config_to_dict(cfg))
     return run, run.samples
 

@@ -176,7 +176,7 @@ def build_hmc(cfg: HMCConfig, data: TrainingData | None = None) -> Callable[[Ste
 
     def update(step: Step) -> StepResult:
         ens, params = step.ensemble, step.ensemble.params
-        b = ens.buffers
+        b = ens.member_buffers
         x, y = x_full.to(ens.device), y_full.to(ens.device)
         like = {k: v.detach() for k, v in params.items()}
 
@@ -244,15 +244,15 @@ def build_hmc(cfg: HMCConfig, data: TrainingData | None = None) -> Callable[[Ste
 
 def finalize_hmc(cfg: HMCConfig, ensemble: Ensemble, finish: Finish) -> Samples:
     """The kept states of every chain, draw-major; UserError if the run kept too few."""
-    kept = int(ensemble.buffers["hmc_count"][0])
+    kept = int(ensemble.member_buffers["hmc_count"][0])
     if kept < cfg.predict_samples:
         raise UserError(f"hmc kept {kept} of predict_samples = {cfg.predict_samples} states per "
                         "chain: train for more steps or lower warmup (the sampling stage needs "
                         f"at least {cfg.predict_samples} transitions)")
-    states = ensemble.buffers["hmc_samples"]  # (M, K, D)
+    states = ensemble.member_buffers["hmc_samples"]  # (M, K, D)
     draws = [unflatten_params(states[:, k].clone(), ensemble.params)
              for k in range(states.shape[1])]
-    return samples_from_draws(finish.skeleton, draws, ensemble.buffers)
+    return samples_from_draws(finish.skeleton, draws, ensemble.member_buffers)
 
 
 def chain_summary(buffers: dict[str, Tensor]) -> dict[str, float]:

@@ -211,4 +211,4 @@ def finalize_laplace(cfg: LaplaceConfig, ensemble: Ensemble, finish: Finish) -> 
                                           random_names(module, cfg.subset_of_weights)))
     draws = [{k: torch.cat([per_member[m][d][k] for m in range(ens.members)])
               for k in per_member[0][d]} for d in range(cfg.predict_samples)]
-    return samples_from_draws(finish.skeleton, draws, ens.buffers)
+    return samples_from_draws(finish.skeleton, draws, ens.member_buffers)

@@ -154,4 +154,4 @@ def finalize_mc_dropout(cfg: MCDropoutConfig, ensemble: Ensemble, finish: Finish
     generator = torch.Generator().manual_seed(finish.seed * 1_000_003 + SAMPLE_STREAM)
     draws = [masked_weights(ensemble.params, targets, generator)
              for _ in range(cfg.predict_samples)]
-    return samples_from_draws(finish.skeleton, draws, ensemble.buffers)
+    return samples_from_draws(finish.skeleton, draws, ensemble.member_buffers)

@@ -473,7 +473,7 @@ def _function_prior_score(cfg: SVGDConfig, step: Step, x: Tensor, f: Tensor,
     share = comm if count % comm.size == 0 else SINGLE
     draws = {k: share.local(v) for k, v in draws.items()}
     n = count // share.size
-    buffers = {k: v[:1].expand(n, *v.shape[1:]).clone() for k, v in ens.buffers.items()}
+    buffers = {k: v[:1].expand(n, *v.shape[1:]).clone() for k, v in ens.member_buffers.items()}
     out = ens.apply(draws, x, buffers=buffers)
     f_prior = share.gather(function_embedding(out, cfg.output))
     return scores.ssge_score(f_prior, kernels.median_heuristic, eta=0.01, y=f.detach())

@@ -175,7 +175,7 @@ def build_sghmc(cfg: SGHMCConfig, data: TrainingData | None = None) -> Callable[
         lr, r, c = step_size(cfg.lr, step.progress, cfg.cycles)
         sampling = r >= cfg.burn_in
         with torch.no_grad():
-            momentum = ens.buffers["sghmc_momentum"]
+            momentum = ens.member_buffers["sghmc_momentum"]
             noise = None
             if sampling and cfg.temperature > 0:
                 std = math.sqrt(2.0 * cfg.friction * lr * cfg.temperature / step.n_train)
@@ -186,11 +186,11 @@ def build_sghmc(cfg: SGHMCConfig, data: TrainingData | None = None) -> Callable[
             momentum.copy_(v)
             for k, value in unflatten_params(theta, params).items():
                 params[k].copy_(value)
-            count = ens.buffers["sghmc_count"]
+            count = ens.member_buffers["sghmc_count"]
             slot = sample_due(r, step.index, int(count[0, c]), per_cycle, cfg.burn_in,
                               cfg.thinning)
             if slot is not None:
-                ens.buffers["sghmc_samples"][:, c * per_cycle + slot] = theta
+                ens.member_buffers["sghmc_samples"][:, c * per_cycle + slot] = theta
                 count[:, c] += 1
         return StepResult(
             loss=loss.detach(), outputs=outputs.detach(),
@@ -204,7 +204,7 @@ def build_sghmc(cfg: SGHMCConfig, data: TrainingData | None = None) -> Callable[
 def finalize_sghmc(cfg: SGHMCConfig, ensemble: Ensemble, finish: Finish) -> Samples:
     """The kept samples of every member, draw-major; UserError if a cycle kept too few."""
     per_cycle = cfg.predict_samples // max(cfg.cycles, 1)
-    counts = ensemble.buffers["sghmc_count"][0].tolist()
+    counts = ensemble.member_buffers["sghmc_count"][0].tolist()
     short = [(c, n) for c, n in enumerate(counts) if n < per_cycle]
     if short:
         c, n = short[0]
@@ -213,6 +213,6 @@ def finalize_sghmc(cfg: SGHMCConfig, ensemble: Ensemble, finish: Finish) -> Samp
             f"needs {per_cycle} per cycle: lower burn_in or thinning, or train longer "
             f"(thinning = 0 needs at least {per_cycle} sampling steps per cycle)"
         )
-    kept = ensemble.buffers["sghmc_samples"]  # (M, K, D)
+    kept = ensemble.member_buffers["sghmc_samples"]  # (M, K, D)
     draws = [unflatten_params(kept[:, k].clone(), ensemble.params) for k in range(kept.shape[1])]
-    return samples_from_draws(finish.skeleton, draws, ensemble.buffers)
+    return samples_from_draws(finish.skeleton, draws, ensemble.member_buffers)

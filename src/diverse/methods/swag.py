@@ -160,7 +160,7 @@ def build_swag(cfg: SWAGConfig, data: TrainingData | None = None) -> Callable[[S
     inner = deep_ensemble(DeepEnsembleConfig())
 
     def update(step: Step) -> StepResult:
-        buffers = step.ensemble.buffers
+        buffers = step.ensemble.member_buffers
         if step.progress >= cfg.swa_start and step.index % cfg.swa_frequency == 0:
             with torch.no_grad():
                 new = swag_collect(swag_state(buffers),
@@ -177,7 +177,7 @@ def build_swag(cfg: SWAGConfig, data: TrainingData | None = None) -> Callable[[S
 def finalize_swag(cfg: SWAGConfig, ensemble: Ensemble, finish: Finish) -> Samples:
     """``predict_samples`` SWAG draws per member (seeded by the run's seed)."""
     generator = torch.Generator().manual_seed(finish.seed * 1_000_003 + SAMPLE_STREAM)
-    flat = swag_sample(swag_state(ensemble.buffers), cfg.predict_samples, generator,
+    flat = swag_sample(swag_state(ensemble.member_buffers), cfg.predict_samples, generator,
                        cfg.scale, cfg.var_clamp)
     draws = [unflatten_params(flat[i], ensemble.params) for i in range(flat.shape[0])]
-    return samples_from_draws(finish.skeleton, draws, ensemble.buffers)
+    return samples_from_draws(finish.skeleton, draws, ensemble.member_buffers)

@@ -119,4 +119,4 @@ def finalize_vi(cfg: VIConfig, ensemble: Ensemble, finish: Finish) -> Samples:
     """``predict_samples`` posterior draws per member (seeded by the run's seed)."""
     generator = torch.Generator().manual_seed(finish.seed * 1_000_003 + SAMPLE_STREAM)
     draws = [draw_weights(ensemble.params, generator) for _ in range(cfg.predict_samples)]
-    return samples_from_draws(finish.skeleton, draws, ensemble.buffers)
+    return samples_from_draws(finish.skeleton, draws, ensemble.member_buffers)

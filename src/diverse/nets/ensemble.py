@@ -30,27 +30,26 @@ initialized from ``(seed, global index)`` alone, so a process holding members
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from diverse.errors import UserError
+from diverse.nets.forms import Full, build_members, member_seed
 
 EXECUTIONS = ("auto", "vmap", "loop")
+__all__ = ["Ensemble", "member_seed", "init_members"]
 
 Params = dict[str, Tensor]
-
-
-def member_seed(seed: int, member: int) -> int:
-    """Seed of member ``member`` (global index) in a run with seed ``seed``."""
-    return (seed * 1_000_003 + member * 7_919 + 12_345) % (2**63 - 1)
 
 
 def init_members(
@@ -79,52 +78,89 @@ def init_members(
 
 
 class Ensemble(nn.Module):
-    """M members with stacked parameters ``params[name]: (M, *shape)``, as an ``nn.Module``.
+    """M members as one ``nn.Module``: member parameters stacked ``(M, ...)``, shared ones once.
 
-    The stacked tensors are registered on :attr:`stacked`, a copy of member 0's
-    module whose every parameter and buffer holds the member axis, so
-    ``parameters()`` (also seen by an enclosing module), ``state_dict()`` /
-    ``load_state_dict()`` (keys ``stacked.<name>``, shapes ``(M, *shape)``),
-    ``.to()`` and ``train()`` / ``eval()`` behave as for any module.
-    ``params`` and ``buffers`` are the same tensors keyed by the member module's
-    names. ``member(i)`` returns member ``i`` as a plain module.
+    What a member is depends on its form (:mod:`diverse.nets.forms`, ``members_as``):
+
+    * *member parameters* — :attr:`params`, ``{name: (M, *shape)}``: what every method
+      sees as "the weights" (the weight-space kernel, SWAG moments, SGHMC momenta,
+      checkpoints per member). ``full`` (the default): every trainable parameter of
+      the user's module; ``head``: the named head modules; ``lora``: the adapters;
+      ``batchensemble``: the rank-1 fast weights and biases.
+    * *shared tensors* — :attr:`shared`, ``{name: tensor}``, stored once and passed to
+      every member unbatched: frozen (the user's ``requires_grad=False`` parameters, a
+      frozen backbone, LoRA's base weights) or trainable with the members' summed
+      gradient (BatchEnsemble's slow weights, a trainable backbone), listed in
+      :attr:`trainable`.
+    * *member buffers* — :attr:`member_buffers`, ``(M, ...)``: BatchNorm statistics and
+      frozen parameters that differ between members (never trained).
+
+    Under ``vmap`` an operation whose inputs are all shared runs once for all members,
+    so a shared frozen prefix (a head ensemble's backbone) is computed once per batch.
+
+    All of them are registered on :attr:`stacked` (a copy of the member module whose
+    tensors carry the member axis where they are per member), so ``parameters()``,
+    ``buffers()``, ``state_dict()`` / ``load_state_dict()``, ``.to()`` and
+    ``train()`` / ``eval()`` behave as for any module. ``member(i)`` returns member
+    ``i`` as a plain module.
 
     Args:
-        factory: builds one member (any ``nn.Module``; called M times, each
-            under its own seed).
+        factory: builds one member (any ``nn.Module``; in the ``full`` form called M
+            times, each under its own seed; in the other forms called once, or an
+            ``nn.Module`` given directly, whose member parameters are then
+            re-initialized per member).
         members: M ≥ 1.
         seed: initialization seed; member m uses ``member_seed(seed, offset+m)``.
         execution: ``"auto" | "vmap" | "loop"``.
         member_offset: global index of the first member held here (sharding).
         device: where parameters live.
+        members_as: a :class:`diverse.nets.forms.MemberForm` (default ``Full()``).
     """
 
     def __init__(
         self,
-        factory: Callable[[], nn.Module],
+        factory: Callable[[], nn.Module] | nn.Module,
         members: int,
         *,
         seed: int = 0,
         execution: str = "auto",
         member_offset: int = 0,
         device: torch.device | str = "cpu",
+        members_as: Any = None,
     ) -> None:
         super().__init__()
         if not isinstance(members, int) or members < 1:
             raise UserError(f"ensemble members = {members!r}: must be an integer >= 1")
         if execution not in EXECUTIONS:
             raise UserError(f"ensemble execution = {execution!r}: allowed {', '.join(EXECUTIONS)}")
-        skeleton, params, buffers = init_members(factory, members, seed, member_offset)
+        self.form = Full() if members_as is None else members_as
+        built = build_members(self.form, factory, members, seed, member_offset)
+        skeleton = built.skeleton
         # the skeleton gives the structure to functional_call; it is not a registered
-        # child, so its (member 0) tensors are not counted as parameters of the ensemble
-        self.__dict__["module"] = skeleton.to(device)
-        self.stacked = copy.deepcopy(skeleton)
-        for name, value in params.items():
+        # child, so its tensors are not counted as parameters of the ensemble. Shared
+        # tensors are the same objects in the skeleton and in ``stacked`` (stored once).
+        self.__dict__["module"] = skeleton
+        shared_objects = {id(t): t for t in built.shared.values()}
+        self.stacked = copy.deepcopy(skeleton, memo=dict(shared_objects))
+        for name, value in built.params.items():
             owner, leaf = _owner(self.stacked, name)
-            owner._parameters[leaf] = nn.Parameter(value.to(device))
-        for name, value in buffers.items():
+            owner._parameters[leaf] = nn.Parameter(value)
+        for name, value in built.fixed.items():  # frozen, differing between members
             owner, leaf = _owner(self.stacked, name)
-            owner._buffers[leaf] = value.to(device)
+            if leaf in owner._parameters:
+                owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+            else:
+                owner._buffers[leaf] = value
+        for name, value in built.shared.items():
+            for root in (self.stacked, skeleton):
+                owner, leaf = _owner(root, name)
+                if leaf in owner._parameters:
+                    owner._parameters[leaf] = value
+                else:
+                    owner._buffers[leaf] = value
+        self._member_names = tuple(built.params)
+        self._fixed_names = tuple(built.fixed)
+        self._shared_names = tuple(built.shared)
         self.members = members
         self.member_offset = member_offset
         self.seed = seed
@@ -134,37 +170,69 @@ class Ensemble(nn.Module):
         self.generates_members = bool(getattr(skeleton, "generates_members", False))
         #: the user's factory of one plain member (a method's ensemble wraps each member;
         #: weight samples and saved runs need the plain model) and the method it was made for
-        self.base_factory: Callable[[], nn.Module] = factory
+        self.base_factory: Callable[[], nn.Module] | nn.Module = factory
         self.built_for: str | None = None
         persistent = set(skeleton.state_dict())
         # non-persistent buffers are rebuilt by the factory (e.g. a hypernetwork's
         # prediction codes, drawn from its seed): never saved, never loaded
-        self.derived_buffers: tuple[str, ...] = tuple(k for k in buffers if k not in persistent)
+        self.derived_buffers: tuple[str, ...] = tuple(k for k in built.fixed
+                                                      if k not in persistent)
         self.execution = execution
         self._vmapped = {
             shared: vmap(
                 self._member_forward,
-                in_dims=(0, 0, None if shared else 0),
+                in_dims=(0, 0, None, None if shared else 0),
                 randomness="different",
             )
             for shared in (True, False)
         }
+        self.to(device)
         self._refresh_views()
 
     def _refresh_views(self) -> None:
-        self.params: Params = dict(self.stacked.named_parameters())
-        self.buffers: Params = dict(self.stacked.named_buffers())
+        named = dict(self.stacked.named_parameters(remove_duplicate=False))
+        named.update(dict(self.stacked.named_buffers(remove_duplicate=False)))
+        #: member parameters ``{name: (M, *shape)}`` — "the weights" of every method
+        self.params: Params = {k: named[k] for k in self._member_names}
+        #: per-member tensors that are not trained ``{name: (M, *shape)}`` (BatchNorm
+        #: statistics, frozen parameters that differ between members)
+        self.member_buffers: Params = {k: named[k] for k in self._fixed_names}
+        #: tensors stored once and given to every member ``{name: tensor}``
+        self.shared: Params = {k: named[k] for k in self._shared_names}
+
+    @property
+    def shared_trainable(self) -> Params:
+        """The shared parameters that train (with the members' summed gradient)."""
+        return {k: v for k, v in self.shared.items()
+                if isinstance(v, nn.Parameter) and v.requires_grad}
+
+    @property
+    def trainable(self) -> Params:
+        """Every tensor the optimizer updates: the member parameters, then the trainable
+        shared ones under ``"shared/<name>"`` (the names checkpoints use)."""
+        return {**self.params, **{SHARED + k: v for k, v in self.shared_trainable.items()}}
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Ensemble:
         # .to() / .double() / ... may replace buffer tensors: rebuild the name views
         super()._apply(fn, recurse)
         self.module._apply(fn, recurse)
-        self._refresh_views()
+        # a shared tensor is one object in both modules: re-link the skeleton to ours
+        if getattr(self, "_shared_names", None):
+            named = dict(self.stacked.named_parameters(remove_duplicate=False))
+            named.update(dict(self.stacked.named_buffers(remove_duplicate=False)))
+            for name in self._shared_names:
+                owner, leaf = _owner(self.module, name)
+                table = owner._parameters if leaf in owner._parameters else owner._buffers
+                table[leaf] = named[name]
+            self._refresh_views()
+        elif hasattr(self, "_member_names"):
+            self._refresh_views()
         return self
 
     # ------------------------------------------------------------------ forward
-    def _member_forward(self, params: Params, buffers: Params, x: Tensor) -> Tensor:
-        return functional_call(self.module, (params, buffers), (x,), strict=True)
+    def _member_forward(self, params: Params, buffers: Params, shared: Params,
+                        x: Tensor) -> Tensor:
+        return functional_call(self.module, (params, buffers, shared), (x,), strict=True)
 
     def apply(
         self,
@@ -172,6 +240,7 @@ class Ensemble(nn.Module):
         x: Tensor,
         *,
         buffers: Mapping[str, Tensor] | None = None,
+        shared: Mapping[str, Tensor] | None = None,
         per_member_input: bool = False,
         execution: str | None = None,
     ) -> Tensor:
@@ -179,18 +248,21 @@ class Ensemble(nn.Module):
 
         ``x`` is ``(B, ...)`` shared by all members, or ``(M, B, ...)`` with
         ``per_member_input=True``. In training mode BatchNorm buffers (the
-        stacked ``buffers``, default ``self.buffers``) are updated in place.
+        stacked ``buffers``, default ``self.member_buffers``) are updated in place;
+        ``shared`` (default ``self.shared``) are the tensors every member sees.
         """
-        buffers = self.buffers if buffers is None else buffers
+        buffers = self.member_buffers if buffers is None else buffers
+        shared = self.shared if shared is None else shared
         mode = execution or self.resolved_execution(x, per_member_input)
         if mode == "vmap":
-            return self._vmapped[not per_member_input](dict(params), dict(buffers), x)
+            return self._vmapped[not per_member_input](dict(params), dict(buffers),
+                                                       dict(shared), x)
         outs = []
         count = next(iter(params.values())).shape[0] if params else self.members
         for m in range(count):
             p = {k: v[m] for k, v in params.items()}
             b = {k: v[m] for k, v in buffers.items()}
-            outs.append(self._member_forward(p, b, x[m] if per_member_input else x))
+            outs.append(self._member_forward(p, b, dict(shared), x[m] if per_member_input else x))
         return torch.stack(outs)
 
     def forward(self, x: Tensor, *, per_member_input: bool = False) -> Tensor:
@@ -217,13 +289,15 @@ class Ensemble(nn.Module):
 
         mode = self.resolved_execution(x, per_member_input)
         if mode == "vmap":
-            fn = vmap(member, in_dims=(0, 0, 0 if per_member_input else None),
+            fn = vmap(member, in_dims=(0, 0, None, 0 if per_member_input else None),
                       randomness="different")
-            out, feats = fn(dict(params), dict(self.buffers), x)
+            # (a layer of a shared prefix is computed once; vmap gives it the member axis)
+            out, feats = fn(dict(params), dict(self.member_buffers), dict(self.shared), x)
         else:
             results = [
                 member({k: v[m] for k, v in params.items()},
-                       {k: v[m] for k, v in self.buffers.items()},
+                       {k: v[m] for k, v in self.member_buffers.items()},
+                       dict(self.shared),
                        x[m] if per_member_input else x)
                 for m in range(self.members)
             ]
@@ -235,7 +309,7 @@ class Ensemble(nn.Module):
     def resolved_execution(self, x: Tensor | None = None, per_member_input: bool = False) -> str:
         """The execution in use; ``"auto"`` is resolved on the first batch seen.
 
-        The choice is timed once per (model, M, input shape, device, torch
+        The choice is timed once per (model, form, M, input shape, device, torch
         version) and remembered in ``$DIVERSE_CACHE_DIR/execution.json``
         (default ``~/.cache/diverse``), so repeated runs of one config make the
         same choice and give the same numbers.
@@ -246,7 +320,7 @@ class Ensemble(nn.Module):
             key = "|".join(map(str, (
                 type(self.module).__name__, sum(v[0].numel() for v in self.params.values()),
                 self.members, tuple(x.shape), per_member_input, x.device.type,
-                torch.__version__)))
+                torch.__version__) + ((self.form.name,) if self.form.name != "full" else ())))
             cache = _execution_cache()
             choice = cache.get(key)
             if choice not in ("vmap", "loop"):
@@ -263,7 +337,8 @@ class Ensemble(nn.Module):
         Training-mode buffers (BatchNorm statistics) are restored afterwards,
         and the global RNG state too, so timing leaves no trace on a run.
         """
-        saved = {k: v.clone() for k, v in self.buffers.items()}
+        saved = {k: v.clone() for k, v in {**self.member_buffers, **self.shared}.items()
+                 if not isinstance(v, nn.Parameter)}
         times: dict[str, float] = {}
         with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), \
                 torch.enable_grad():
@@ -279,20 +354,27 @@ class Ensemble(nn.Module):
                     best = min(best, time.perf_counter() - t0)
                 times[mode] = best
         with torch.no_grad():
+            current = {**self.member_buffers, **self.shared}
             for k, v in saved.items():
-                self.buffers[k].copy_(v)
+                current[k].copy_(v)
+        for p in self.shared_trainable.values():
+            p.grad = None  # the timing's backward left no gradient behind
         return min(times, key=times.__getitem__), times
 
     # ------------------------------------------------------------ modes, views
     def train(self, mode: bool = True) -> Ensemble:
         super().train(mode)
         self.module.train(mode)
+        self.form.set_modes(self.module, mode)
         return self
 
     def plain_model(self) -> nn.Module:
         """A fresh plain member (``base_factory()``, no method wrapper) on this device, in
         eval mode, built under a forked RNG so building it never shifts a run's stream;
-        weight samples give it its weights."""
+        weight samples give it its weights. In a form other than ``full`` it is the
+        member module itself (shared tensors included; member tensors from a sample)."""
+        if self.form.name != "full" or isinstance(self.base_factory, nn.Module):
+            return copy.deepcopy(self.module).eval()
         with torch.random.fork_rng(devices=[]):
             return self.base_factory().eval().to(self.device)
 
@@ -301,20 +383,43 @@ class Ensemble(nn.Module):
         return next(iter(self.params.values())).device
 
     def member(self, m: int) -> nn.Module:
-        """A standalone copy of member ``m`` as an ordinary module."""
+        """A standalone copy of member ``m`` as an ordinary module (shared tensors copied)."""
         mod = copy.deepcopy(self.module)
-        state = {k: v[m].detach().clone() for k, v in {**self.params, **self.buffers}.items()}
-        mod.load_state_dict(state)
+        state = {k: v[m].detach().clone()
+                 for k, v in {**self.params, **self.member_buffers}.items()}
+        state.update({k: v.detach().clone() for k, v in self.shared.items()})
+        mod.load_state_dict(state, strict=False)
         return mod
 
     def state_tensors(self) -> dict[str, Tensor]:
-        """Parameters and persistent buffers, stacked ``(M, ...)``, keyed by module name.
+        """What a checkpoint stores of the members: member parameters and persistent
+        member buffers, stacked ``(M, ...)`` under their module names, then the trainable
+        shared parameters and the shared buffers once, under ``"shared/<name>"``.
 
         Non-persistent buffers (``derived_buffers``) are left out: the factory
-        rebuilds them.
+        rebuilds them; so are the frozen shared parameters (the user's pretrained
+        weights: :meth:`frozen_fingerprint` identifies them).
         """
-        return {**{k: v.detach() for k, v in self.params.items()},
-                **{k: v for k, v in self.buffers.items() if k not in self.derived_buffers}}
+        out = {**{k: v.detach() for k, v in self.params.items()},
+               **{k: v for k, v in self.member_buffers.items() if k not in self.derived_buffers}}
+        out.update({SHARED + k: v.detach() for k, v in self.shared.items()
+                    if not isinstance(v, nn.Parameter) or v.requires_grad})
+        return out
+
+    def frozen_fingerprint(self) -> str | None:
+        """SHA-256 of the frozen shared parameters (names, shapes, dtypes, bytes), or None
+        when there are none: a checkpoint records it instead of the tensors, and a resume
+        or ``load`` refuses a factory whose frozen weights differ."""
+        frozen = {k: v for k, v in self.shared.items()
+                  if isinstance(v, nn.Parameter) and not v.requires_grad}
+        if not frozen:
+            return None
+        digest = hashlib.sha256()
+        for name in sorted(frozen):
+            t = frozen[name].detach().cpu().contiguous()
+            digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return digest.hexdigest()
 
     @torch.no_grad()
     def load_state_tensors(self, tensors: Mapping[str, Tensor]) -> None:
@@ -332,9 +437,14 @@ class Ensemble(nn.Module):
                 f"checkpoint tensor {bad!r} does not match the model: expected shape "
                 f"{expected.get(bad)}, found {got.get(bad, 'nothing')}"
             )
+        current = {**self.params, **self.member_buffers,
+                   **{SHARED + k: v for k, v in self.shared.items()}}
         for k in expected:
-            target = self.params[k] if k in self.params else self.buffers[k]
-            target.copy_(tensors[k])
+            current[k].copy_(tensors[k])
+
+
+#: the key prefix of a shared tensor in checkpoints and optimizer state
+SHARED = "shared/"
 
 
 def _owner(root: nn.Module, name: str) -> tuple[nn.Module, str]:

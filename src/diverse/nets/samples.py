@@ -137,7 +137,7 @@ def collect_members(skeleton: nn.Module, params: Mapping[str, Tensor],
     """An ensemble's members as samples (``S = M``, one draw each).
 
     ``params``/``buffers``: stacked ``(M, ...)``, e.g. ``Ensemble.params`` and
-    ``Ensemble.buffers`` of a deep ensemble.
+    ``Ensemble.member_buffers`` of a deep ensemble.
     """
     return samples_from_draws(skeleton, [{k: v.detach() for k, v in params.items()}], buffers)
 
