@@ -11,8 +11,12 @@ The public API (loaded lazily, so ``import diverse`` stays cheap):
   :class:`MutualBNNConfig`, :class:`MCDropoutConfig`, :class:`VIConfig`,
   :class:`SWAGConfig`, :class:`SGHMCConfig`, :class:`LaplaceConfig`,
   :class:`HMCConfig`) → :class:`Method`; :data:`METHODS`, the method table;
+* members of a pretrained model: ``members_as=`` :class:`Full`, :class:`Head`,
+  :class:`LoRA` (through ``peft``), :class:`BatchEnsemble` (:mod:`diverse.nets.forms`);
 * training: :func:`fit` over any iterable of ``(x, y)`` batches, with
-  :class:`TrainConfig`, :class:`Callback` hooks, checkpoints and exact resume;
+  :class:`TrainConfig`, :class:`Callback` hooks, checkpoints and exact resume; or your
+  own loop around :func:`train_step` (one update: :class:`Step` → :class:`StepResult`)
+  on a :class:`LogPosterior` target;
 * prediction: :func:`load` (a run directory → :class:`Predictor`:
   ``predict(x)``, ``predict_set(x, alpha)``), :func:`predict`;
 * :mod:`diverse.math.metrics`, :mod:`diverse.math.calibration`, :mod:`diverse.math.conformal`,
@@ -39,6 +43,14 @@ _LAZY = {
     "build_method": "diverse.methods.catalog",
     "METHODS": "diverse.methods.catalog",
     "TrainingData": "diverse.methods.base",
+    "Step": "diverse.methods.base",
+    "StepResult": "diverse.methods.base",
+    "LogPosterior": "diverse.methods.base",
+    "train_step": "diverse.methods.train_step",
+    "Full": "diverse.nets.forms",
+    "Head": "diverse.nets.forms",
+    "LoRA": "diverse.nets.forms",
+    "BatchEnsemble": "diverse.nets.forms",
     "DeepEnsembleConfig": "diverse.methods.base",
     "TrainConfig": "diverse.app.config",
     "SVGDConfig": "diverse.methods.particles",

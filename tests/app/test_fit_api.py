@@ -184,7 +184,7 @@ def test_streamed_pca_equals_the_tensor_pca():
 
 
 def test_a_method_that_wraps_its_members_refuses_a_plain_ensemble():
-    method = diverse.build_method(diverse.SWAGConfig())
+    method = diverse.build_method(diverse.VIConfig())
     with pytest.raises(UserError, match="method.ensemble"):
         diverse.fit(diverse.Ensemble(sequential, 2), method, loader(), n_train=N,
                     show_progress=False)

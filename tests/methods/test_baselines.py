@@ -91,7 +91,7 @@ def test_swag_in_a_run_collects_the_iterates_of_the_due_steps(tmp_path):
     train(run, tmp_path, show_progress=False, on_step=record)
     thetas = torch.stack(seen)
     assert len(seen) == 6  # steps 12, 14, ..., 22 of 24
-    buffers = run.ensemble.member_buffers
+    buffers = run.state
     torch.testing.assert_close(buffers["swag_mean"], thetas.mean(0), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(buffers["swag_sq_mean"], thetas.square().mean(0), atol=1e-6,
                                rtol=1e-5)
@@ -163,8 +163,8 @@ def test_sghmc_run_keeps_the_weights_of_the_due_steps_per_cycle(tmp_path):
                                         for p in run.ensemble.params.values()], dim=1)
 
     train(run, tmp_path, show_progress=False, on_step=record)
-    assert run.ensemble.member_buffers["sghmc_count"].tolist() == [[2, 2], [2, 2]]
-    kept = run.ensemble.member_buffers["sghmc_samples"]
+    assert run.state["sghmc_count"].tolist() == [[2, 2], [2, 2]]
+    kept = run.state["sghmc_samples"]
     for slot, index in enumerate((8, 11, 20, 23)):  # r = 8/12, 11/12 in each 12-step cycle
         torch.testing.assert_close(kept[:, slot], seen[index])
     assert run.samples.count == 8
@@ -176,8 +176,10 @@ def test_sghmc_update_is_the_same_under_vmap_and_loop():
         run = make("sghmc", "ensemble.members=3", f"ensemble.execution={execution}")
         x, y = run.dataset.x_train[:32], run.dataset.y_train[:32]
         torch.manual_seed(0)
-        run.update(Step(run.ensemble.train(), x, y, run.likelihood, 256, 1.0, 0.9, 5))
-        out.append({**run.ensemble.state_tensors()})
+        state = run.method.init_state(run.ensemble)
+        run.update(Step(run.ensemble.train(), x, y, run.likelihood, 256, 1.0, 0.9, 5,
+                        state=state))
+        out.append({**run.ensemble.state_tensors(), **state})
     for k in out[0]:
         torch.testing.assert_close(out[0][k], out[1][k], atol=1e-6, rtol=1e-5)
     assert out[0]["sghmc_momentum"].abs().sum() > 0

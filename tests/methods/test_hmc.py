@@ -60,8 +60,8 @@ def test_hmc_resumes_bit_for_bit(tmp_path):
     resumed = hmc_run(data, steps=30, members=3, extra=extra)
     train(resumed, tmp_path / "resumed", resume=True, show_progress=False)
     assert torch.equal(particle_weights(full), particle_weights(resumed))
-    for name, value in full.ensemble.member_buffers.items():
-        assert torch.equal(value, resumed.ensemble.member_buffers[name]), name
+    for name, value in full.state.items():
+        assert torch.equal(value, resumed.state[name]), name
     for name in full.samples.params:
         assert torch.equal(full.samples.params[name], resumed.samples.params[name])
 

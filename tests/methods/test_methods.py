@@ -36,7 +36,8 @@ def test_vmap_and_loop_give_the_same_update(method):
         run = make(method, f"ensemble.execution={execution}")
         x, y = run.dataset.x_train[:32], run.dataset.y_train[:32]
         torch.manual_seed(0)
-        step = Step(run.ensemble.train(), x, y, run.likelihood, 256, 1.0, 0.3)
+        step = Step(run.ensemble.train(), x, y, run.likelihood, 256, 1.0, 0.3,
+                    state=run.method.init_state(run.ensemble))
         result = run.update(step)
         # a sampler moves θ itself (grads None): compare where it moved them
         moved = result.grads if result.grads is not None else {
@@ -67,6 +68,9 @@ def test_method_learns_is_deterministic_and_resumes_exactly(tmp_path, method):
     train(resumed, tmp_path / "cut", resume=True, show_progress=False)
     for k, v in full.ensemble.state_tensors().items():
         assert torch.equal(v, resumed.ensemble.state_tensors()[k]), k
+    assert set(full.state) == set(resumed.state)
+    for k, v in full.state.items():  # the method's state (SWAG moments, chains) too
+        assert torch.equal(v, resumed.state[k]), k
     if "diag_driving_norm" in history[-1]:  # particle methods report both terms
         diag = history[-1]
         assert diag["diag_driving_norm"] > 0 and diag["diag_repulsion_norm"] > 0

@@ -98,7 +98,7 @@ def compute(case: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     x, y = x_train[:16], y_train[:16]
     torch.manual_seed(11)
     result = method.update(Step(ens, x, y, Categorical(), n_train=640, prior_std=1.0,
-                                progress=0.4, index=25))
+                                progress=0.4, index=25, state=method.init_state(ens)))
     tensors = {"loss": result.loss, "outputs": result.outputs}
     if result.grads is not None:
         tensors.update({f"grad.{k}": g for k, g in result.grads.items()})

@@ -25,6 +25,7 @@ own precision, :mod:`diverse.nets.precision`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,8 +35,9 @@ from diverse.app.config import TrainConfig
 from diverse.app.optim import build_optimizer, schedule_factor
 from diverse.errors import UserError
 from diverse.evaluation.prediction import member_outputs
-from diverse.methods.base import Step, set_grads
+from diverse.methods.base import LogPosterior, StepResult
 from diverse.methods.catalog import Method, check_training
+from diverse.methods.train_step import train_step
 from diverse.nets.ensemble import Ensemble
 from diverse.nets.likelihoods import Likelihood, LikelihoodConfig, as_likelihood
 from diverse.nets.samples import Samples
@@ -72,9 +74,19 @@ class DiverseModule(L.LightningModule):
         self.train_cfg = train if train is not None else TrainConfig()
         check_training(method.name, self.train_cfg.prior_std, self.train_cfg.weight_decay)
         self.likelihood = as_likelihood(likelihood)
+        self.target = LogPosterior(self.likelihood, n_train, self.train_cfg.prior_std)
+        # the method's state: buffers of this module, so Lightning checkpoints hold them
+        self._state_names = []
+        for name, value in method.init_state(ensemble).items():
+            self.register_buffer(f"method_state_{name}", value)
+            self._state_names.append(name)
         # the step counter is state: saved in Lightning's checkpoints with the weights
         self.register_buffer("diverse_step", torch.zeros((), dtype=torch.int64))
         self.samples: Samples | None = None
+
+    def method_state(self) -> dict[str, Tensor]:
+        """The method's state ``{name: (M, ...)}`` (this module's ``method_state_*`` buffers)."""
+        return {name: getattr(self, f"method_state_{name}") for name in self._state_names}
 
     def forward(self, x: Tensor) -> Tensor:
         """Outputs of every predictive sample ``(S, B, ...)``."""
@@ -82,7 +94,7 @@ class DiverseModule(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         t = self.train_cfg
-        return build_optimizer(list(self.ensemble.params.values()), t.optimizer, t.lr,
+        return build_optimizer(list(self.ensemble.trainable.values()), t.optimizer, t.lr,
                                momentum=t.momentum, nesterov=t.nesterov,
                                betas=(t.betas[0], t.betas[1]), weight_decay=t.weight_decay)
 
@@ -96,13 +108,9 @@ class DiverseModule(L.LightningModule):
         lr = t.lr * schedule_factor(t.schedule, progress, final=t.final_lr_factor)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        result = self.method.update(Step(self.ensemble, x, y, self.likelihood, self.n_train,
-                                         t.prior_std, progress, index))
-        if not bool(torch.isfinite(result.loss).all()):
-            raise UserError(f"non-finite loss at step {index + 1}")
-        if result.grads is not None:
-            set_grads(self.ensemble.params, result.grads)
-            optimizer.step()
+        result = train_step(self.ensemble, self.method, optimizer, (x, y), self.target,
+                            progress=progress, index=index, state=self.method_state(),
+                            check=_finite(index))
         self.diverse_step += 1
         fit_name = ("train_accuracy" if self.likelihood.task == "classification"
                     else "train_neg_mse")
@@ -132,5 +140,16 @@ class DiverseModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         """A Bayesian baseline's weight samples (``self.samples``)."""
+        state = self.method_state()
         self.samples = self.method.finalize(self.ensemble, self.train_cfg.seed,
-                                            self.train_cfg.prior_std)
+                                            self.train_cfg.prior_std, state)
+
+
+def _finite(index: int) -> Callable[[StepResult], None]:
+    """The divergence stop of a Lightning step: a non-finite loss is never applied."""
+
+    def check(result: StepResult) -> None:
+        if not bool(torch.isfinite(result.loss).all()):
+            raise UserError(f"non-finite loss at step {index + 1}")
+
+    return check

@@ -57,8 +57,9 @@ from diverse.data.augment import crop_and_flip
 from diverse.errors import DivergenceError, UserError
 from diverse.evaluation.prediction import predict
 from diverse.math import metrics
-from diverse.methods.base import Step, StepResult, set_grads
+from diverse.methods.base import LogPosterior, StepResult
 from diverse.methods.catalog import Method, check_training
+from diverse.methods.train_step import train_step
 from diverse.nets import distributed, precision
 from diverse.nets.distributed import SINGLE, Comm
 from diverse.nets.ensemble import Ensemble
@@ -190,6 +191,7 @@ class FitResult:
 
     history: list[dict[str, Any]] = field(default_factory=list)
     samples: Samples | None = None
+    state: dict[str, Tensor] = field(default_factory=dict)  # the method's final state
 
 
 # ---------------------------------------------------------------- prediction
@@ -284,6 +286,24 @@ def write_model_spec(run_dir: Path, method: Method, ensemble: Ensemble, likeliho
 
 
 # ---------------------------------------------------------------- the loop
+#: the key prefix of the method's state in a checkpoint's model tensors
+STATE = "state/"
+
+
+def split_state(model_t: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """The method's state ``{name: (M, ...)}`` among a checkpoint's model tensors."""
+    return {k[len(STATE):]: v.to(device) for k, v in model_t.items() if k.startswith(STATE)}
+
+
+def check_frozen(manifest: dict[str, Any], fingerprint: str | None) -> None:
+    """UserError when the frozen shared weights differ from those the run trained with."""
+    saved = manifest.get("frozen_sha256")
+    if saved is not None and saved != fingerprint:
+        raise UserError(f"the frozen shared weights differ from the run's (SHA-256 "
+                        f"{(fingerprint or 'none')[:12]}… vs {saved[:12]}… recorded): load the "
+                        "same pretrained weights the run was trained with")
+
+
 RNG_KEY = "rng/cpu"
 CUDA_RNG_KEY = "rng/cuda"
 
@@ -466,10 +486,16 @@ def fit(
     total = t.steps if t.steps > 0 else t.epochs * spe
     total_epochs = math.ceil(total / spe)
     device = ensemble.device
-    params = list(ensemble.params)
+    if comm.size > 1 and ensemble.form.name != "full":
+        raise UserError(f"members_as = {ensemble.form.name!r} trains in one process; "
+                        "sharding members over processes needs members_as = 'full'")
+    target = LogPosterior(like, n_train, t.prior_std)
+    state = method.init_state(ensemble)
+    frozen = ensemble.frozen_fingerprint()
+    params = list(ensemble.trainable)
     if optimizer is None:
         optimizer = build_optimizer(
-            list(ensemble.params.values()), t.optimizer, t.lr, momentum=t.momentum,
+            list(ensemble.trainable.values()), t.optimizer, t.lr, momentum=t.momentum,
             nesterov=t.nesterov, betas=(t.betas[0], t.betas[1]), weight_decay=t.weight_decay)
         base_lrs = [t.lr] * len(optimizer.param_groups)
     else:
@@ -481,11 +507,13 @@ def fit(
     if resume:
         assert run_path is not None
         model_t, optim_t, manifest = load_checkpoint(run_path)  # all members: take this rank's
+        check_frozen(manifest, frozen)
         rng_state = {k: optim_t.pop(k) for k in (RNG_KEY, CUDA_RNG_KEY) if k in optim_t}
         members = manifest.get("members", ensemble.members * comm.size)
         model_t = distributed.shard_tensors(comm, model_t, members)
         optim_t = distributed.shard_tensors(comm, optim_t, members)
         ensemble.load_state_tensors({k: v.to(device) for k, v in model_t.items()})
+        state = split_state(model_t, device) or state
         load_optimizer_tensors(optimizer, params, optim_t)
         ensemble.execution = manifest["execution"]
         step, history = manifest["step"], manifest["history"]
@@ -515,12 +543,13 @@ def fit(
     divergence = _Divergence(device, comm, step, kept, deferred=not on_host)
 
     def checkpoint(epoch_done: int, epoch_step: int, partial: _Sums | None) -> None:
-        model_t = distributed.gather_tensors(comm, ensemble.state_tensors())
+        model_t = distributed.gather_tensors(comm, {**ensemble.state_tensors(),
+                                                    **{STATE + k: v for k, v in state.items()}})
         optim_t = distributed.gather_tensors(comm, optimizer_tensors(optimizer, params))
         if partial is not None:
             optim_t = {**optim_t, **_rng_tensors(device)}
         if lead and run_path is not None:
-            manifest = {"config": record_cfg, "step": step,
+            manifest = {"config": record_cfg, "step": step, "frozen_sha256": frozen,
                         "members": ensemble.members * comm.size,
                         "execution": ensemble.execution, "history": history,
                         "epoch_step": epoch_step}
@@ -564,16 +593,12 @@ def fit(
             lr = base_lrs[0] * factor
             xb = xb.to(device, non_blocking=True)
             yb = yb.to(device, non_blocking=True)
-            result = method.update(Step(ensemble, xb, yb, like, n_train, t.prior_std,
-                                        step / total, step, comm=comm))
-            grads = result.grads
-            divergence.record(result, step, spe)
+            result = train_step(ensemble, method, optimizer, (xb, yb), target,
+                                progress=step / total, index=step, state=state, comm=comm,
+                                check=lambda r, s=step: divergence.record(r, s, spe))
             if step == 0 and lead and run_path is not None and run_record is None:
                 write_model_spec(run_path, method, ensemble, like, tuple(xb.shape[1:]),
                                  int(result.outputs.shape[-1]), normalization)
-            if grads is not None:  # a sampler (grads None) has moved θ itself
-                set_grads(ensemble.params, grads)
-                optimizer.step()
             step += 1
             i += 1
             n_b = len(yb)
@@ -662,8 +687,8 @@ def fit(
         checkpoint(epoch, 0, None)
     bar.close()
     tracker.close()
-    result = FitResult(history)
-    result.samples = method.finalize(ensemble, t.seed, t.prior_std)  # Bayesian baselines
+    result = FitResult(history, state=state)
+    result.samples = method.finalize(ensemble, t.seed, t.prior_std, state)  # Bayesian baselines
     if result.samples is not None:
         if lead and run_path is not None:
             save_samples(run_path, result.samples, method.name, record_cfg)

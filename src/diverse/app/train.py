@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from diverse.app.loop import (
     fit,
     repulsion_warning,
     resolve_device,
+    split_state,
 )
 from diverse.app.tracking import check_backend, open_tracker
 from diverse.checkpoint import load_checkpoint
@@ -79,6 +80,7 @@ class Run:
     device: torch.device
     comm: Comm = SINGLE  # the member sharding; the ensemble holds this rank's members
     samples: Samples | None = None  # weight samples of a Bayesian baseline, after training
+    state: dict[str, torch.Tensor] = field(default_factory=dict)  # the method's state
 
     @property
     def update(self) -> Callable[[Step], StepResult]:
@@ -228,6 +230,7 @@ def train(
                  show_progress=show_progress, tracker=tracker, run_record=record, comm=comm)
     if result.samples is not None:
         run.samples = result.samples
+    run.state = result.state
     return result.history
 
 
@@ -236,6 +239,7 @@ def load_trained(run_dir: Path, cfg: Config, dataset: Dataset | None = None) -> 
     run = build_run(cfg, dataset, training=False)
     model_t, _optim, manifest = load_checkpoint(run_dir)
     run.ensemble.load_state_tensors({k: v.to(run.device) for k, v in model_t.items()})
+    run.state = split_state(model_t, run.device)
     run.ensemble.execution = manifest["execution"]
     if has_samples(run_dir):
         run.samples = load_samples(run_dir, run.device)[0]

@@ -345,10 +345,10 @@ def mcmc_figures(run: Run, pred: dict[str, Tensor]) -> dict[str, float]:
         return {}
     values = pred["probs"] if "probs" in pred else pred["means"]
     out = chain_figures(values, run.samples.members, run.samples.draws)
-    if "hmc_accept" in run.ensemble.member_buffers:
+    if "hmc_accept" in run.state:
         from diverse.methods.hmc import chain_summary
 
-        out.update(chain_summary(run.ensemble.member_buffers))
+        out.update(chain_summary(run.state))
     return out
 
 

@@ -32,22 +32,63 @@ from diverse.nets.ensemble import Ensemble, Params
 from diverse.nets.likelihoods import Likelihood
 
 
+@dataclass(frozen=True)
+class LogPosterior:
+    """The target every method trains on: ``log p(w | D) = Σ_n log p(y_n | x_n, w) + log p(w)``,
+    per example (divided by N), estimated on a minibatch.
+
+    Per member ``m`` (:meth:`loss`): ``−(1/B) Σ_b log p(y_b | x_b, w_m) + ‖w_m‖²/(2σ²N)``,
+    ``(M,)``. The Gaussian prior N(0, σ² I) is on the member parameters; a shared
+    trainable parameter (BatchEnsemble's slow weights) carries it once
+    (:meth:`shared_prior`). ``prior_std = 0``: no prior term.
+
+    Attributes:
+        likelihood: maps outputs ``(M, B, K)`` and targets to per-member NLL ``(M, B)``.
+        n_train: the training-set size N.
+        prior_std: σ of the isotropic Gaussian weight prior, 0 for none.
+    """
+
+    likelihood: Likelihood
+    n_train: int
+    prior_std: float = 0.0
+
+    def nll(self, outputs: Tensor, y: Tensor) -> Tensor:
+        """Mean negative log likelihood of each member on the batch, ``(M,)``."""
+        return self.likelihood.nll(outputs, y).mean(1)
+
+    def prior(self, params: Params) -> Tensor:
+        """``‖w_m‖²/(2σ²N)`` per member, ``(M,)`` (:func:`gaussian_prior_penalty`)."""
+        return gaussian_prior_penalty(params, self.prior_std, self.n_train)
+
+    def loss(self, outputs: Tensor, y: Tensor, params: Params) -> Tensor:
+        """``−log p(w_m | batch)/N`` per member, ``(M,)``: NLL plus the prior term."""
+        return self.nll(outputs, y) + self.prior(params)
+
+    def shared_prior(self, shared: Params) -> Tensor:
+        """``Σ ‖v‖²/(2σ²N)`` over the shared trainable tensors (a 0-dim tensor)."""
+        if self.prior_std <= 0 or not shared:
+            return torch.zeros(())
+        return sum(v.square().sum() for v in shared.values()) / (2.0 * self.prior_std**2
+                                                                  * self.n_train)
+
+
 @dataclass
 class Step:
     """Everything a method may use for one update.
 
     Attributes:
-        ensemble: the members; ``ensemble.params`` are the stacked leaves.
+        ensemble: the members; ``ensemble.params`` are the stacked member parameters.
         x: inputs ``(B, ...)``; y: targets ``(B,)`` or ``(B, D)``.
-        likelihood: maps outputs to per-member NLL ``(M, B)``.
-        n_train: training-set size N (the likelihood is scaled by N in the
-            log posterior; objectives here are divided by N, i.e. per example).
-        prior_std: σ of the isotropic Gaussian weight prior, 0 for none.
+        likelihood, n_train, prior_std: the log posterior's parts (:attr:`target`
+            holds them as one :class:`LogPosterior`; objectives are per example).
         progress: ``step / total_steps`` in ``[0, 1)``, for annealing.
         index: the global step number (0-based), for warm-ups counted in steps.
         comm: the member sharding (:mod:`diverse.nets.distributed`): the ensemble
             holds this rank's members; interaction terms gather the others'
             embeddings with ``comm.gather``. Default: one process.
+        state: the method's state ``{name: (M, ...)}`` (:attr:`MethodSpec.init_state`:
+            SWAG moments, SGHMC momenta, HMC chains), updated in place by the method
+            and handed back in :attr:`StepResult.state`.
     """
 
     ensemble: Ensemble
@@ -59,6 +100,10 @@ class Step:
     progress: float
     index: int = 0
     comm: Comm = SINGLE
+    state: dict[str, Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.target = LogPosterior(self.likelihood, self.n_train, self.prior_std)
 
 
 @dataclass
@@ -68,6 +113,11 @@ class StepResult:
     grads: Params | None  # {name: (M, *shape)} for the optimizer; None: the method moved θ
     # scalar diagnostics: floats or 0-dim tensors (read by the loop when it logs)
     logs: dict[str, float | Tensor] = field(default_factory=dict)
+    # gradients of the shared trainable tensors {name: tensor}, when the method computed
+    # them with its own backward (else train_step derives them from the target)
+    shared_grads: Params | None = None
+    # the method's state after the step (the Step's, updated in place)
+    state: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -142,12 +192,14 @@ class Finish:
         seed: the run's seed (sample draws are seeded from it).
         prior_std: σ of the training prior (Laplace's prior precision 1/σ²).
         data: the training data (Laplace fits its curvature on it), or None.
+        state: the method's state after training (SWAG moments, kept samples).
     """
 
     skeleton: nn.Module
     seed: int
     prior_std: float = 0.0
     data: TrainingData | None = None
+    state: dict[str, Tensor] = field(default_factory=dict)
 
 
 def require_classification(name: str, data: TrainingData | None) -> None:
@@ -245,8 +297,7 @@ def negative_log_posterior(step: Step, params: Params) -> tuple[Tensor, Tensor]:
     estimate of the negative log posterior divided by N.
     """
     outputs = step.ensemble.apply(params, step.x)
-    nll = step.likelihood.nll(outputs, step.y).mean(dim=1)
-    return nll + gaussian_prior_penalty(params, step.prior_std, step.n_train), outputs
+    return step.target.loss(outputs, step.y, params), outputs
 
 
 @dataclass(frozen=True)
@@ -270,10 +321,17 @@ def deep_ensemble(cfg: DeepEnsembleConfig, data: TrainingData | None = None
     """
 
     def update(step: Step) -> StepResult:
-        params = step.ensemble.params
+        params, shared = step.ensemble.params, step.ensemble.shared_trainable
         loss, outputs = negative_log_posterior(step, params)
+        if not shared:
+            return StepResult(loss=loss.detach(), outputs=outputs.detach(),
+                              grads=member_gradients(loss.sum(), params))
+        # shared trainable tensors (BatchEnsemble's slow weights): the same backward
+        objective = loss.sum() + step.target.shared_prior(shared).to(loss)
+        grads = member_gradients(objective, {**params, **shared})
         return StepResult(loss=loss.detach(), outputs=outputs.detach(),
-                          grads=member_gradients(loss.sum(), params))
+                          grads={k: grads[k] for k in params},
+                          shared_grads={k: grads[k] for k in shared})
 
     return update
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
-from torch import nn
+from torch import Tensor, nn
 
 from diverse.errors import UserError
 from diverse.methods.base import (
@@ -39,7 +39,7 @@ from diverse.methods.feature_repulsion import (
     wrap_hypernetwork,
 )
 from diverse.methods.forde import FoRDEConfig, build_forde
-from diverse.methods.hmc import HMCConfig, build_hmc, finalize_hmc, wrap_hmc
+from diverse.methods.hmc import HMCConfig, build_hmc, finalize_hmc, init_hmc
 from diverse.methods.laplace_fit import LaplaceConfig, build_laplace, finalize_laplace
 from diverse.methods.mc_dropout import (
     MCDropoutConfig,
@@ -56,13 +56,20 @@ from diverse.methods.particles import (
     build_svgd,
     build_wgd,
 )
-from diverse.methods.sghmc import SGHMCConfig, build_sghmc, finalize_sghmc, wrap_sghmc
-from diverse.methods.swag import SWAGConfig, build_swag, finalize_swag, wrap_swag
+from diverse.methods.sghmc import SGHMCConfig, build_sghmc, finalize_sghmc, init_sghmc
+from diverse.methods.swag import SWAGConfig, build_swag, finalize_swag, init_swag
 from diverse.methods.vi import VIConfig, build_vi, finalize_vi, wrap_vi
 from diverse.nets.ensemble import Ensemble
+from diverse.nets.forms import FORMS, MemberForm
 from diverse.nets.samples import Samples
 
 MethodBuilder = Callable[[Any, TrainingData | None], Callable[[Step], StepResult]]
+StateInit = Callable[[Any, Ensemble], dict[str, Tensor]]  # (cfg, ensemble) -> {name: (M, ...)}
+#: every ensemble form (:mod:`diverse.nets.forms`)
+ALL_FORMS: tuple[str, ...] = FORMS
+#: the forms without shared trainable tensors (a sampler moves only member parameters)
+NO_SHARED_TRAINING: tuple[str, ...] = ("full", "head", "lora")
+FULL_ONLY: tuple[str, ...] = ("full",)
 ModelWrapper = Callable[[Any, nn.Module, int, int], nn.Module]  # (cfg, module, members, seed)
 Finalizer = Callable[[Any, Ensemble, Finish], Samples]
 Prediction = Literal["members", "monte-carlo", "weight-samples"]
@@ -91,6 +98,11 @@ class MethodSpec(NamedTuple):
         feature_space: compares members' features at named layers
             (needs ``feature_layers`` on a custom module).
         needs_prior: samples the posterior under a proper prior (``prior_std > 0``).
+        init_state: ``(config, ensemble) -> {name: (M, ...)}``, the method's explicit
+            state (SWAG moments, SGHMC momenta, HMC chains), or None.
+        forms: the ensemble forms it trains (``[ensemble] members_as``): a method that
+            wraps or generates its members needs whole members (``full``); a sampler
+            moves only member parameters (no shared trainable tensors).
     """
 
     config: type
@@ -105,6 +117,8 @@ class MethodSpec(NamedTuple):
     double_backward: bool = False
     feature_space: bool = False
     needs_prior: bool = False
+    init_state: StateInit | None = None
+    forms: tuple[str, ...] = ALL_FORMS
 
 
 def _mutual_peer(cfg: MutualBNNConfig, module: nn.Module, _members: int, _seed: int) -> nn.Module:
@@ -121,20 +135,23 @@ METHODS: dict[str, MethodSpec] = {
     "he-cka": MethodSpec(HECKAConfig, build_he_cka, feature_space=True),
     "svgd-cka": MethodSpec(SVGDCKAConfig, build_svgd_cka, feature_space=True),
     "hyper-he-cka": MethodSpec(HyperHECKAConfig, build_hyper_he_cka, wrap_hypernetwork,
-                               generator=True, feature_space=True),
+                               generator=True, feature_space=True, forms=FULL_ONLY),
     "mutual-bnn": MethodSpec(MutualBNNConfig, build_mutual_bnn, _mutual_peer,
-                             prediction="monte-carlo", feature_space=True),
+                             prediction="monte-carlo", feature_space=True, forms=FULL_ONLY),
     "mc-dropout": MethodSpec(MCDropoutConfig, build_mc_dropout, wrap_mc_dropout,
-                             finalize_mc_dropout, prediction="weight-samples"),
-    "vi": MethodSpec(VIConfig, build_vi, wrap_vi, finalize_vi, prediction="weight-samples"),
-    "swag": MethodSpec(SWAGConfig, build_swag, wrap_swag, finalize_swag,
+                             finalize_mc_dropout, prediction="weight-samples", forms=FULL_ONLY),
+    "vi": MethodSpec(VIConfig, build_vi, wrap_vi, finalize_vi, prediction="weight-samples",
+                     forms=FULL_ONLY),
+    "swag": MethodSpec(SWAGConfig, build_swag, finalize=finalize_swag, init_state=init_swag,
                        prediction="weight-samples"),
-    "sghmc": MethodSpec(SGHMCConfig, build_sghmc, wrap_sghmc, finalize_sghmc,
-                        prediction="weight-samples", sampler=True),
+    "sghmc": MethodSpec(SGHMCConfig, build_sghmc, finalize=finalize_sghmc,
+                        init_state=init_sghmc, prediction="weight-samples", sampler=True,
+                        forms=NO_SHARED_TRAINING),
     "laplace": MethodSpec(LaplaceConfig, build_laplace, finalize=finalize_laplace,
                           prediction="weight-samples"),
-    "hmc": MethodSpec(HMCConfig, build_hmc, wrap_hmc, finalize_hmc,
-                      prediction="weight-samples", sampler=True, needs_prior=True),
+    "hmc": MethodSpec(HMCConfig, build_hmc, finalize=finalize_hmc, init_state=init_hmc,
+                      prediction="weight-samples", sampler=True, needs_prior=True,
+                      forms=NO_SHARED_TRAINING),
 }
 
 
@@ -197,14 +214,24 @@ class Method:
         self.update: Callable[[Step], StepResult] = (self.spec.build(config, data) if for_training
                                                      else _prediction_only)
 
-    def ensemble(self, factory: Callable[[], nn.Module], members: int, *, seed: int = 0,
-                 execution: str = "auto", device: Any = "cpu", member_offset: int = 0
-                 ) -> Ensemble:
+    def ensemble(self, factory: Callable[[], nn.Module] | nn.Module, members: int, *,
+                 seed: int = 0, execution: str = "auto", device: Any = "cpu",
+                 member_offset: int = 0, members_as: MemberForm | None = None) -> Ensemble:
         """``members`` members of ``factory()`` (each wrapped as the method needs),
-        initialized from ``seed``. A generator method (hypernetwork) holds one slot
+        initialized from ``seed``, in the form ``members_as`` (default: full copies;
+        :mod:`diverse.nets.forms`). A generator method (hypernetwork) holds one slot
         that generates ``members`` members per step."""
         wrap = self.spec.wrap_model
         cfg = self.config
+        form = "full" if members_as is None else members_as.name
+        if form not in self.spec.forms:
+            raise UserError(f"method {self.name!r} does not train members_as = {form!r}: it "
+                            f"supports {', '.join(self.spec.forms)}")
+        if members_as is not None and form != "full":
+            ens = Ensemble(factory, members, seed=seed, execution=execution,
+                           member_offset=member_offset, device=device, members_as=members_as)
+            ens.built_for = self.name
+            return ens
 
         def member() -> nn.Module:
             module = factory()
@@ -224,6 +251,9 @@ class Method:
     def check_ensemble(self, ensemble: Ensemble) -> None:
         """UserError unless ``ensemble`` can train with this method: a method that wraps
         its members (or generates them) needs the ensemble :meth:`ensemble` made."""
+        if ensemble.form.name not in self.spec.forms:
+            raise UserError(f"method {self.name!r} does not train members_as = "
+                            f"{ensemble.form.name!r}: it supports {', '.join(self.spec.forms)}")
         needs_own = self.spec.wrap_model is not None or self.spec.generator
         if needs_own and ensemble.built_for != self.name:
             built = f"for {ensemble.built_for!r}" if ensemble.built_for else "directly"
@@ -231,11 +261,18 @@ class Method:
                             f"with method.ensemble(factory, members) (this one was built "
                             f"{built})")
 
-    def finalize(self, ensemble: Ensemble, seed: int, prior_std: float) -> Samples | None:
+    def init_state(self, ensemble: Ensemble) -> dict[str, Tensor]:
+        """The method's initial state ``{name: (M, ...)}`` for ``ensemble`` (``{}`` if none)."""
+        if self.spec.init_state is None:
+            return {}
+        return self.spec.init_state(self.config, ensemble)
+
+    def finalize(self, ensemble: Ensemble, seed: int, prior_std: float,
+                 state: dict[str, Tensor] | None = None) -> Samples | None:
         """The weight samples of a Bayesian baseline after training (None for the others)."""
         if self.spec.finalize is None:
             return None
-        finish = Finish(ensemble.plain_model(), seed, prior_std, self.data)
+        finish = Finish(ensemble.plain_model(), seed, prior_std, self.data, dict(state or {}))
         return self.spec.finalize(self.config, ensemble, finish)
 
     def prediction_draws(self) -> int:

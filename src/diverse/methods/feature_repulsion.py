@@ -50,7 +50,6 @@ from diverse.methods.base import (
     Step,
     StepResult,
     TrainingData,
-    gaussian_prior_penalty,
     interaction_logs,
     member_gradients,
 )
@@ -330,8 +329,7 @@ def build_he_cka(cfg: HECKAConfig, data: TrainingData | None = None
         n_in = len(step.x)
         x = step.x if source is None else torch.cat([step.x, source(step.x.device)])
         out, feats = _features(step, params, x, layers)
-        nll = step.likelihood.nll(out[:, :n_in], step.y).mean(1)
-        loss = nll + gaussian_prior_penalty(params, step.prior_std, step.n_train)
+        loss = step.target.loss(out[:, :n_in], step.y, params)
         diversity, logs = diversity_loss(cfg, step, out, feats, layers, weights, n_in)
         grads = member_gradients(loss.sum() + ens.members * diversity, params)
         logs["disagreement"] = _disagreement(out[:, :n_in])
@@ -350,8 +348,7 @@ def build_svgd_cka(cfg: SVGDCKAConfig, data: TrainingData | None = None
         ens, params = step.ensemble, step.ensemble.params
         layers, weights = layers_of(ens.module)
         out, feats = _features(step, params, step.x, layers)
-        nll = step.likelihood.nll(out, step.y).mean(1)
-        loss = nll + gaussian_prior_penalty(params, step.prior_std, step.n_train)
+        loss = step.target.loss(out, step.y, params)
         drive = -flatten_params(member_gradients(loss.sum(), params, retain_graph=True))
         k = energy_matrix(split_features(out, feats, layers, 0, len(step.x)), weights, cfg)
         rep = flatten_params(member_gradients(k.sum(), params))
@@ -411,8 +408,7 @@ def build_hyper_he_cka(cfg: HECKAConfig, data: TrainingData | None = None
         modules = [layer for layer in layers if layer != OUTPUT]
         generated = generate_with(hyper, own, z)
         out, feats = hyper.apply_features(generated, x, modules)
-        nll = step.likelihood.nll(out[:, :n_in], step.y).mean(1)
-        loss = nll + gaussian_prior_penalty(generated, step.prior_std, step.n_train)
+        loss = step.target.loss(out[:, :n_in], step.y, generated)
         diversity, logs = diversity_loss(cfg, step, out, feats, layers, weights, n_in)
         grads = member_gradients(loss.sum() + k * diversity, ens.params)
         logs["disagreement"] = _disagreement(out[:, :n_in])

@@ -40,7 +40,6 @@ from diverse.methods.base import (
     Step,
     StepResult,
     TrainingData,
-    gaussian_prior_penalty,
     interaction_logs,
     interaction_scales,
     member_gradients,
@@ -255,8 +254,7 @@ def build_forde(cfg: FoRDEConfig, data: TrainingData | None = None
         # the repulsion's gradient in input-gradient space, outside the autograd graph
         log_k, v, logs = forde_repulsion_terms(grads_x.detach(), on_device[device], cfg.eps,
                                                step.comm)
-        nll = step.likelihood.nll(outputs, step.y).mean(1)
-        loss = nll + gaussian_prior_penalty(params, step.prior_std, step.n_train)
+        loss = step.target.loss(outputs, step.y, params)
         # c·Σ log k's gradient in θ is the input gradients' VJP along c·v (double backward)
         repulsion = (grads_x * v).sum() * c
         if step.index % cfg.diagnostics_every == 0:  # each term alone: their norms

@@ -33,7 +33,7 @@ split-R̂ and ESS on f(x) in the report, :mod:`diverse.math.mcmc`).
 The sampler is its own integrator: it moves θ in place and hands the
 optimizer zero gradients (as SGHMC; ``[train] weight_decay`` must be 0). Its
 state — step sizes, dual-averaging state, inverse mass, the variance window,
-the kept samples, acceptance and divergence counts — are buffers of every
+the kept samples, acceptance and divergence counts — are the method's state for every
 member, checkpointed and resumed with the run. The minibatch of a step is only
 used for the progress figures; the transition uses all training data.
 """
@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from diverse.errors import UserError
 from diverse.methods.base import Finish, Step, StepResult, TrainingData
@@ -96,27 +96,27 @@ class HMCConfig:
         check_count("[method] predict_samples", self.predict_samples)
 
 
-def wrap_hmc(cfg: HMCConfig, module: nn.Module, members: int = 1, seed: int = 0) -> nn.Module:
-    """``MethodSpec.wrap_model``: register the chain state as buffers of each member.
+def init_hmc(cfg: HMCConfig, ensemble: Ensemble) -> dict[str, Tensor]:
+    """``MethodSpec.init_state``: every chain's adaptation, mass matrix and kept states
+    over the member parameters, stacked ``(M, ...)``.
 
     (The training settings it needs — ``prior_std > 0``, no weight decay — are
     the method table's facts, checked by :func:`diverse.methods.catalog.check_training`.)
     """
-    d = sum(p.numel() for p in module.parameters())
-    dtype = next(module.parameters()).dtype
-    method = cfg
-    log_eps = math.log(method.step_size)
+    like = next(iter(ensemble.params.values()))
+    m, d = like.shape[0], sum(v[0].numel() for v in ensemble.params.values())
+    log_eps = math.log(cfg.step_size)
     scalars = {"hmc_log_eps": log_eps, "hmc_log_eps_bar": log_eps,
-               "hmc_mu": math.log(10 * method.step_size), "hmc_hbar": 0.0, "hmc_da_t": 0.0,
+               "hmc_mu": math.log(10 * cfg.step_size), "hmc_hbar": 0.0, "hmc_da_t": 0.0,
                "hmc_window_n": 0.0, "hmc_accept": 0.0, "hmc_divergent": 0.0,
                "hmc_sampling": 0.0, "hmc_count": 0.0}
-    for name, value in scalars.items():
-        module.register_buffer(name, torch.tensor(value, dtype=torch.float64))
-    module.register_buffer("hmc_inv_mass", torch.ones(d, dtype=dtype))
-    module.register_buffer("hmc_window_mean", torch.zeros(d, dtype=torch.float64))
-    module.register_buffer("hmc_window_m2", torch.zeros(d, dtype=torch.float64))
-    module.register_buffer("hmc_samples", torch.zeros(method.predict_samples, d, dtype=dtype))
-    return module
+    state = {name: torch.full((m,), value, dtype=torch.float64, device=like.device)
+             for name, value in scalars.items()}
+    state["hmc_inv_mass"] = like.new_ones(m, d)
+    state["hmc_window_mean"] = torch.zeros(m, d, dtype=torch.float64, device=like.device)
+    state["hmc_window_m2"] = torch.zeros(m, d, dtype=torch.float64, device=like.device)
+    state["hmc_samples"] = like.new_zeros(m, cfg.predict_samples, d)
+    return state
 
 
 def energy_and_grad(ens: Any, theta: Tensor, like: dict[str, Tensor], x: Tensor, y: Tensor,
@@ -176,7 +176,7 @@ def build_hmc(cfg: HMCConfig, data: TrainingData | None = None) -> Callable[[Ste
 
     def update(step: Step) -> StepResult:
         ens, params = step.ensemble, step.ensemble.params
-        b = ens.member_buffers
+        b = step.state
         x, y = x_full.to(ens.device), y_full.to(ens.device)
         like = {k: v.detach() for k, v in params.items()}
 
@@ -244,12 +244,12 @@ def build_hmc(cfg: HMCConfig, data: TrainingData | None = None) -> Callable[[Ste
 
 def finalize_hmc(cfg: HMCConfig, ensemble: Ensemble, finish: Finish) -> Samples:
     """The kept states of every chain, draw-major; UserError if the run kept too few."""
-    kept = int(ensemble.member_buffers["hmc_count"][0])
+    kept = int(finish.state["hmc_count"][0])
     if kept < cfg.predict_samples:
         raise UserError(f"hmc kept {kept} of predict_samples = {cfg.predict_samples} states per "
                         "chain: train for more steps or lower warmup (the sampling stage needs "
                         f"at least {cfg.predict_samples} transitions)")
-    states = ensemble.member_buffers["hmc_samples"]  # (M, K, D)
+    states = finish.state["hmc_samples"]  # (M, K, D)
     draws = [unflatten_params(states[:, k].clone(), ensemble.params)
              for k in range(states.shape[1])]
     return samples_from_draws(finish.skeleton, draws, ensemble.member_buffers)

@@ -202,6 +202,9 @@ def finalize_laplace(cfg: LaplaceConfig, ensemble: Ensemble, finish: Finish) -> 
     per_member = []
     for m in range(ens.members):
         module = ens.member(m)
+        for name in ens.shared:  # an ensemble form's shared tensors are not random here
+            if name in dict(module.named_parameters()):
+                module.get_parameter(name).requires_grad_(False)
         la = fit_laplace(module, loader, cfg, tau)
         generator = torch.Generator(device=ens.device).manual_seed(
             member_seed(finish.seed, ens.member_offset + m) + SAMPLE_STREAM)
@@ -210,5 +213,6 @@ def finalize_laplace(cfg: LaplaceConfig, ensemble: Ensemble, finish: Finish) -> 
         per_member.append(unflatten_draws(flat, module,
                                           random_names(module, cfg.subset_of_weights)))
     draws = [{k: torch.cat([per_member[m][d][k] for m in range(ens.members)])
-              for k in per_member[0][d]} for d in range(cfg.predict_samples)]
+              for k in per_member[0][d] if k not in ens.shared}
+             for d in range(cfg.predict_samples)]
     return samples_from_draws(finish.skeleton, draws, ens.member_buffers)

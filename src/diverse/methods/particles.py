@@ -44,7 +44,6 @@ from diverse.methods.base import (
     Step,
     StepResult,
     TrainingData,
-    gaussian_prior_penalty,
     interaction_logs,
     interaction_scales,
     member_gradients,
@@ -318,7 +317,7 @@ def adversarial_nll(step: Step, params: Params, epsilon: float) -> Tensor:
         return first.new_zeros(first.shape[0])
     xs = fgsm_inputs(step, params, epsilon)
     out = step.ensemble.apply(params, xs, per_member_input=True)
-    return step.likelihood.nll(out, step.y).mean(1)
+    return step.target.nll(out, step.y)
 
 
 def _disagreement(outputs: Tensor, step: Step) -> dict[str, Tensor]:
@@ -340,8 +339,7 @@ def weight_space(cfg: SVGDConfig, interactor: Interactor) -> Callable[[Step], St
         params = step.ensemble.params
         a, c = interaction_scales(cfg, step)
         outputs = step.ensemble.apply(params, step.x)
-        nll = step.likelihood.nll(outputs, step.y).mean(1)
-        loss = nll + gaussian_prior_penalty(params, step.prior_std, step.n_train)
+        loss = step.target.loss(outputs, step.y, params)
         loss = loss + adversarial_nll(step, params, cfg.fgsm_epsilon)
         grads = member_gradients(loss.sum(), params)  # g = −∇ log p(w|D) / N
         comm = step.comm  # sharded: the interaction of all M particles, this rank's rows kept
@@ -411,7 +409,7 @@ def function_space(cfg: SVGDConfig, direction: Repulsion,
         f_leaf = f.detach().requires_grad_(True)
         shaped = f_leaf.view(outputs.shape)[:, :b]
         logits = shaped.clamp_min(1e-30).log() if cfg.output == "softmax" else shaped
-        nll = step.likelihood.nll(logits, step.y).mean(1)
+        nll = step.target.nll(logits, step.y)
         (drive,) = torch.autograd.grad(-nll.sum(), f_leaf)
         comm = step.comm  # sharded: the interaction of all M particles, this rank's rows kept
         f_all, drive = comm.gather(f.detach()), comm.gather(drive)

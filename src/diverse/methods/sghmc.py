@@ -27,8 +27,8 @@ whatever the run length; with ``thinning ≥ 1`` every ``thinning``-th step is
 kept in a ring holding the cycle's last k samples.
 
 Samples: ``predict_samples`` = K per member, K/C slots per cycle. Momentum,
-sample slots and counts are *buffers* of each member (:func:`wrap_sghmc`),
-stacked, checkpointed and resumed with the run.
+sample slots and counts are the method's explicit state (:func:`init_sghmc`),
+stacked over members, checkpointed and resumed with the run.
 
 The sampler is its own integrator: the update moves θ in place (under
 ``no_grad``) and hands the optimizer zero gradients, which leaves the weights
@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from diverse.errors import UserError
 from diverse.methods.base import (
@@ -147,35 +147,33 @@ def sghmc_step(theta: Tensor, momentum: Tensor, grad: Tensor, lr: float, frictio
     return theta + v, v
 
 
-def wrap_sghmc(cfg: SGHMCConfig, module: nn.Module, members: int = 1,
-               seed: int = 0) -> nn.Module:
-    """``MethodSpec.wrap_model``: register momentum, sample slots and per-cycle counts.
+def init_sghmc(cfg: SGHMCConfig, ensemble: Ensemble) -> dict[str, Tensor]:
+    """``MethodSpec.init_state``: momentum, sample slots and per-cycle counts over the
+    member parameters, stacked ``(M, ...)``.
 
     (``[train] weight_decay > 0`` is refused by :func:`diverse.methods.catalog.check_training`:
     a sampler takes no optimizer step.)
     """
-    d = sum(p.numel() for p in module.parameters())
-    like = next(module.parameters())
-    method = cfg
-    module.register_buffer("sghmc_momentum", torch.zeros(d, dtype=like.dtype))
-    module.register_buffer("sghmc_samples",
-                           torch.zeros(method.predict_samples, d, dtype=like.dtype))
-    module.register_buffer("sghmc_count", torch.zeros(max(method.cycles, 1), dtype=torch.int64))
-    return module
+    like = next(iter(ensemble.params.values()))
+    m, d = like.shape[0], sum(v[0].numel() for v in ensemble.params.values())
+    return {"sghmc_momentum": like.new_zeros(m, d),
+            "sghmc_samples": like.new_zeros(m, cfg.predict_samples, d),
+            "sghmc_count": torch.zeros(m, max(cfg.cycles, 1), dtype=torch.int64,
+                                       device=like.device)}
 
 
 def build_sghmc(cfg: SGHMCConfig, data: TrainingData | None = None) -> Callable[[Step], StepResult]:
-    """The SGHMC update (module docstring): moves θ, updates the buffers (grads None)."""
+    """The SGHMC update (module docstring): moves θ, updates its state (grads None)."""
     per_cycle = cfg.predict_samples // max(cfg.cycles, 1)
 
     def update(step: Step) -> StepResult:
-        ens, params = step.ensemble, step.ensemble.params
+        params, state = step.ensemble.params, step.state
         loss, outputs = negative_log_posterior(step, params)
         grads = member_gradients(loss.sum(), params)
         lr, r, c = step_size(cfg.lr, step.progress, cfg.cycles)
         sampling = r >= cfg.burn_in
         with torch.no_grad():
-            momentum = ens.member_buffers["sghmc_momentum"]
+            momentum = state["sghmc_momentum"]
             noise = None
             if sampling and cfg.temperature > 0:
                 std = math.sqrt(2.0 * cfg.friction * lr * cfg.temperature / step.n_train)
@@ -186,11 +184,11 @@ def build_sghmc(cfg: SGHMCConfig, data: TrainingData | None = None) -> Callable[
             momentum.copy_(v)
             for k, value in unflatten_params(theta, params).items():
                 params[k].copy_(value)
-            count = ens.member_buffers["sghmc_count"]
+            count = state["sghmc_count"]
             slot = sample_due(r, step.index, int(count[0, c]), per_cycle, cfg.burn_in,
                               cfg.thinning)
             if slot is not None:
-                ens.member_buffers["sghmc_samples"][:, c * per_cycle + slot] = theta
+                state["sghmc_samples"][:, c * per_cycle + slot] = theta
                 count[:, c] += 1
         return StepResult(
             loss=loss.detach(), outputs=outputs.detach(),
@@ -204,7 +202,7 @@ def build_sghmc(cfg: SGHMCConfig, data: TrainingData | None = None) -> Callable[
 def finalize_sghmc(cfg: SGHMCConfig, ensemble: Ensemble, finish: Finish) -> Samples:
     """The kept samples of every member, draw-major; UserError if a cycle kept too few."""
     per_cycle = cfg.predict_samples // max(cfg.cycles, 1)
-    counts = ensemble.member_buffers["sghmc_count"][0].tolist()
+    counts = finish.state["sghmc_count"][0].tolist()
     short = [(c, n) for c, n in enumerate(counts) if n < per_cycle]
     if short:
         c, n = short[0]
@@ -213,6 +211,6 @@ def finalize_sghmc(cfg: SGHMCConfig, ensemble: Ensemble, finish: Finish) -> Samp
             f"needs {per_cycle} per cycle: lower burn_in or thinning, or train longer "
             f"(thinning = 0 needs at least {per_cycle} sampling steps per cycle)"
         )
-    kept = ensemble.member_buffers["sghmc_samples"]  # (M, K, D)
+    kept = finish.state["sghmc_samples"]  # (M, K, D)
     draws = [unflatten_params(kept[:, k].clone(), ensemble.params) for k in range(kept.shape[1])]
     return samples_from_draws(finish.skeleton, draws, ensemble.member_buffers)

@@ -2,9 +2,10 @@
 
 Training is the deep-ensemble (MAP) update. From training progress
 ``swa_start`` on, every ``swa_frequency``-th step collects the current weights
-θ_i (flattened, ``(D,)`` per member, before that step's update) into running
-moments kept as *buffers* of each member (:func:`wrap_swag` registers them), so
-they are stacked over members, checkpointed and resumed with the run:
+θ_i (the member parameters flattened, ``(D,)`` per member, before that step's
+update) into running moments, the method's explicit state (:func:`init_swag`:
+stacked ``(M, ...)``, handed in and out of every step, checkpointed and resumed
+with the run):
 
     θ̄_n = (n θ̄_{n−1} + θ_n)/(n+1),   \\overline{θ²}_n = (n \\overline{θ²}_{n−1} + θ_n²)/(n+1),
     D[:, n mod K] = θ_n − θ̄_n        (the last K deviations, K = ``rank``).
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from diverse.errors import UserError
 from diverse.methods.base import (
@@ -139,36 +140,34 @@ def swag_sample(state: SWAGState, draws: int, generator: torch.Generator,
     return state.mean + math.sqrt(scale) * spread
 
 
-def swag_state(buffers: dict[str, Tensor]) -> SWAGState:
-    """The :class:`SWAGState` view of an ensemble's stacked buffers."""
-    return SWAGState(*(buffers[name] for name in BUFFERS))
+def swag_state(state: dict[str, Tensor]) -> SWAGState:
+    """The :class:`SWAGState` view of the method's state dict."""
+    return SWAGState(*(state[name] for name in BUFFERS))
 
 
-def wrap_swag(cfg: SWAGConfig, module: nn.Module, members: int = 1, seed: int = 0) -> nn.Module:
-    """``MethodSpec.wrap_model``: register the SWAG buffers (zeros) on the member."""
-    d = sum(p.numel() for p in module.parameters())
-    like = next(module.parameters())
-    module.register_buffer("swag_mean", torch.zeros(d, dtype=like.dtype))
-    module.register_buffer("swag_sq_mean", torch.zeros(d, dtype=like.dtype))
-    module.register_buffer("swag_dev", torch.zeros(cfg.rank, d, dtype=like.dtype))
-    module.register_buffer("swag_count", torch.zeros((), dtype=torch.int64))
-    return module
+def init_swag(cfg: SWAGConfig, ensemble: Ensemble) -> dict[str, Tensor]:
+    """``MethodSpec.init_state``: zero moments over the member parameters, ``(M, ...)``."""
+    like = next(iter(ensemble.params.values()))
+    m, d = like.shape[0], sum(v[0].numel() for v in ensemble.params.values())
+    return {"swag_mean": like.new_zeros(m, d), "swag_sq_mean": like.new_zeros(m, d),
+            "swag_dev": like.new_zeros(m, cfg.rank, d),
+            "swag_count": torch.zeros(m, dtype=torch.int64, device=like.device)}
 
 
 def build_swag(cfg: SWAGConfig, data: TrainingData | None = None) -> Callable[[Step], StepResult]:
-    """Deep-ensemble update that first collects θ into the SWAG buffers when due."""
+    """Deep-ensemble update that first collects θ into the SWAG moments (the state) when due."""
     inner = deep_ensemble(DeepEnsembleConfig())
 
     def update(step: Step) -> StepResult:
-        buffers = step.ensemble.member_buffers
+        state = step.state
         if step.progress >= cfg.swa_start and step.index % cfg.swa_frequency == 0:
             with torch.no_grad():
-                new = swag_collect(swag_state(buffers),
+                new = swag_collect(swag_state(state),
                                    flatten_params(step.ensemble.params).detach())
                 for name, value in zip(BUFFERS, new, strict=True):
-                    buffers[name].copy_(value)
+                    state[name].copy_(value)
         result = inner(step)
-        result.logs["swag_count"] = float(buffers["swag_count"][0])
+        result.logs["swag_count"] = float(state["swag_count"][0])
         return result
 
     return update
@@ -177,7 +176,7 @@ def build_swag(cfg: SWAGConfig, data: TrainingData | None = None) -> Callable[[S
 def finalize_swag(cfg: SWAGConfig, ensemble: Ensemble, finish: Finish) -> Samples:
     """``predict_samples`` SWAG draws per member (seeded by the run's seed)."""
     generator = torch.Generator().manual_seed(finish.seed * 1_000_003 + SAMPLE_STREAM)
-    flat = swag_sample(swag_state(ensemble.member_buffers), cfg.predict_samples, generator,
+    flat = swag_sample(swag_state(finish.state), cfg.predict_samples, generator,
                        cfg.scale, cfg.var_clamp)
     draws = [unflatten_params(flat[i], ensemble.params) for i in range(flat.shape[0])]
     return samples_from_draws(finish.skeleton, draws, ensemble.member_buffers)

@@ -374,9 +374,14 @@ class Ensemble(nn.Module):
         weight samples give it its weights. In a form other than ``full`` it is the
         member module itself (shared tensors included; member tensors from a sample)."""
         if self.form.name != "full" or isinstance(self.base_factory, nn.Module):
-            return copy.deepcopy(self.module).eval()
+            plain = copy.deepcopy(self.module, memo={id(t): t for t in self.shared.values()})
+            plain.diverse_shared = self._shared_names  # its own tensors, not in samples
+            return plain.eval()
         with torch.random.fork_rng(devices=[]):
-            return self.base_factory().eval().to(self.device)
+            plain = self.base_factory().eval().to(self.device)
+        if self._shared_names:  # frozen parameters shared by every member: the factory's
+            plain.diverse_shared = self._shared_names
+        return plain
 
     @property
     def device(self) -> torch.device:

@@ -116,7 +116,7 @@ def member_buffers(skeleton: nn.Module, buffers: Mapping[str, Tensor], member: T
     more entries, e.g. SWAG moments; only the skeleton's own names are kept).
     """
     return {name: buffers[name][member.to(buffers[name].device)]
-            for name, _ in skeleton.named_buffers()}
+            for name, _ in skeleton.named_buffers() if name in buffers}
 
 
 def samples_from_draws(skeleton: nn.Module, draws: Sequence[Mapping[str, Tensor]],
@@ -143,8 +143,11 @@ def collect_members(skeleton: nn.Module, params: Mapping[str, Tensor],
 
 
 def check_params(skeleton: nn.Module, params: Mapping[str, Tensor]) -> None:
-    """UserError unless ``params`` has exactly the skeleton's parameter names and shapes."""
-    expected = {k: tuple(v.shape) for k, v in skeleton.named_parameters()}
+    """UserError unless ``params`` has exactly the skeleton's parameter names and shapes
+    (less its shared tensors, ``skeleton.diverse_shared``: an ensemble form's backbone,
+    which the skeleton holds itself)."""
+    shared = set(getattr(skeleton, "diverse_shared", ()))
+    expected = {k: tuple(v.shape) for k, v in skeleton.named_parameters() if k not in shared}
     got = {k: tuple(v.shape[1:]) for k, v in params.items()}
     if got != expected:
         bad = sorted(set(expected) ^ set(got)) or [k for k in expected if got[k] != expected[k]]
@@ -170,8 +173,11 @@ def sample_outputs(skeleton: nn.Module, samples: Samples, x: Tensor, chunk: int 
     sample's parameters and buffers, ``chunk`` samples at a time under ``vmap``.
     """
 
+    # an ensemble form's shared tensors (its backbone) come from the skeleton itself
+    strict = not getattr(skeleton, "diverse_shared", ())
+
     def one(p: Params, b: Params) -> Tensor:
-        return functional_call(skeleton, (p, b), (x,), strict=True)
+        return functional_call(skeleton, (p, b), (x,), strict=strict)
 
     batched = vmap(one, in_dims=(0, 0))
     outs = []
