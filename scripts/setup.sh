@@ -49,4 +49,5 @@ if not torch.__version__.startswith("2.13.0"):
     sys.exit(f"setup: torch {torch.__version__} installed, expected 2.13.0 (CPU)")
 from diverse.methods.laplace_fit import laplace_class
 laplace_class()  # laplace-torch imports (without torchvision)
+import peft  # LoRA ensembles; it must not have replaced the torch pin (checked above)
 print(f"setup: diverse {diverse.__version__}, torch {torch.__version__}")'

@@ -31,6 +31,7 @@ from diverse.data.datasets import DATASETS, DataConfig
 from diverse.errors import UserError
 from diverse.methods.catalog import METHODS
 from diverse.nets.ensemble import EXECUTIONS
+from diverse.nets.forms import FORMS
 from diverse.nets.likelihoods import LIKELIHOODS, LikelihoodConfig
 from diverse.nets.models import MODELS
 from diverse.nets.precision import PRECISIONS
@@ -45,10 +46,44 @@ class EnsembleConfig:
         execution: ``"auto"`` (time both on the first batch, keep the faster),
             ``"vmap"`` or ``"loop"`` (default ``"auto"``). The resolved choice
             is saved in the run so a resumed run uses the same one.
+        members_as: what a member is (:mod:`diverse.nets.forms`): ``"full"`` (default),
+            ``"head"``, ``"lora"`` or ``"batchensemble"``.
+        head_modules: ``head``: the per-member modules (default: the model's last
+            module with parameters). train_backbone: ``head``: train the shared rest
+            (default false: frozen, in eval mode). head_reinit: ``head``: re-initialize
+            each member's head under its seed (default true).
+        lora_rank, lora_alpha, lora_dropout: ``lora``: r, alpha, dropout (8, 16, 0).
+        target_modules: ``lora``: the layers that get adapters (required);
+            ``batchensemble``: the Linear/Conv2d layers converted (default all).
+        modules_to_save: ``lora``: modules trained in full per member (a new head).
+        batchensemble_init: ``"random-sign"`` (default) or ``"normal"``;
+            batchensemble_std: σ of ``"normal"`` (0.5).
     """
 
     members: int = 5
     execution: str = "auto"
+    members_as: str = "full"
+    head_modules: tuple[str, ...] = ()
+    train_backbone: bool = False
+    head_reinit: bool = True
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = ()
+    modules_to_save: tuple[str, ...] = ()
+    batchensemble_init: str = "random-sign"
+    batchensemble_std: float = 0.5
+
+    def form(self) -> Any:
+        """The :class:`diverse.nets.forms.MemberForm` these keys describe."""
+        from diverse.nets.forms import form_from_config
+
+        return form_from_config(
+            self.members_as, head_modules=self.head_modules, train_backbone=self.train_backbone,
+            head_reinit=self.head_reinit, lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout, target_modules=self.target_modules,
+            modules_to_save=self.modules_to_save, batchensemble_init=self.batchensemble_init,
+            batchensemble_std=self.batchensemble_std)
 
 
 @dataclass(frozen=True)
@@ -228,6 +263,8 @@ def validate(cfg: Config) -> Config:
     """Checks of values that types alone cannot express."""
     _choice(cfg.data.name, sorted(DATASETS), "[data] name")
     _choice(cfg.ensemble.execution, EXECUTIONS, "[ensemble] execution")
+    _choice(cfg.ensemble.members_as, FORMS, "[ensemble] members_as")
+    cfg.ensemble.form()  # each form's keys checked
     _choice(cfg.likelihood.name, LIKELIHOODS, "[likelihood] name")
     check_backend(cfg.logging, packages=False)  # unknown backend (packages: build_run)
     if cfg.ensemble.members < 1:
@@ -295,6 +332,13 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     model = raw.get("model")
     if isinstance(model, dict) and model.get("name") == "custom" and not model.get("search_path"):
         model["search_path"] = str(Path.cwd())  # a custom model named on the command line only
+    if isinstance(model, dict) and model.get("weights") and not model.get("weights_sha256"):
+        # the pretrained weights are identified by their SHA-256, recorded in the run's
+        # config.toml: a resume or a load refuses a file that changed since
+        from diverse.nets.models import weights_digest
+
+        model["weights"] = _absolute(model["weights"], Path.cwd())
+        model["weights_sha256"] = weights_digest(model["weights"])
     return config_from_dict(raw)
 
 
@@ -321,6 +365,8 @@ def absolute_data_paths(raw: dict[str, Any], base: Path) -> None:
     model = raw.get("model")
     if isinstance(model, dict) and model.get("name") == "custom":
         model["search_path"] = _absolute(model.get("search_path") or ".", base)
+        if model.get("weights"):
+            model["weights"] = _absolute(model["weights"], base)
     data = raw.get("data")
     if not isinstance(data, dict):
         return

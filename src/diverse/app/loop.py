@@ -278,6 +278,7 @@ def write_model_spec(run_dir: Path, method: Method, ensemble: Ensemble, likeliho
     atomic_write_json(run_dir / MODEL_FILE, {
         "format": "diverse-fit", "method": dataclasses.asdict(method.config),
         "members": members, "seed": ensemble.seed, "execution": ensemble.execution,
+        "members_as": ensemble.form.describe(),
         "likelihood": dataclasses.asdict(likelihood_config(likelihood)),
         **factory_reference(ensemble.base_factory)})
     write_data_spec(run_dir, DataSpec("custom", likelihood.task, tuple(input_shape), outputs,

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from diverse.app.loop import MODEL_FILE
+from diverse.app.loop import MODEL_FILE, check_frozen
 from diverse.checkpoint import load_checkpoint
 from diverse.data.datasets import data_spec, load_dataset, normalize, read_data_spec
 from diverse.errors import UserError
@@ -36,6 +36,7 @@ from diverse.math import calibration as temperature
 from diverse.math import metrics
 from diverse.math.conformal import RANDOM_SEED, prediction_sets
 from diverse.methods.catalog import METHODS, Method
+from diverse.nets.forms import form_from_record
 from diverse.nets.likelihoods import LikelihoodConfig, build_likelihood
 from diverse.nets.samples import Samples, has_samples, load_samples
 
@@ -135,8 +136,9 @@ class Predictor:
             config = from_mapping(METHODS[name].config, saved["method"], "[method]")
             self.method = Method(config, for_training=False)
             build = factory if factory is not None else import_factory(saved, self.run_dir)
-            self.ensemble = self.method.ensemble(build, int(saved["members"]),
-                                                 seed=int(saved["seed"]), device=self.device)
+            self.ensemble = self.method.ensemble(
+                build, int(saved["members"]), seed=int(saved["seed"]), device=self.device,
+                members_as=form_from_record(saved.get("members_as")))
             self.members = int(saved["members"])
         else:
             if factory is not None:
@@ -152,6 +154,7 @@ class Predictor:
                                            self.device, method=self.method)
             self.members = self.cfg.ensemble.members
         model_t, _optim, manifest = load_checkpoint(self.run_dir)
+        check_frozen(manifest, self.ensemble.frozen_fingerprint())
         self.ensemble.load_state_tensors({k: v.to(self.device) for k, v in model_t.items()})
         self.ensemble.execution = manifest["execution"]
         self.samples: Samples | None = (load_samples(self.run_dir, self.device)[0]

@@ -192,7 +192,8 @@ def build_ensemble(cfg: Config, input_shape: tuple[int, ...], outputs: int,
     members = cfg.ensemble.members if method.spec.generator else count
     ensemble = method.ensemble(factory, members, seed=cfg.train.seed,
                                execution=cfg.ensemble.execution, device=device,
-                               member_offset=0 if method.spec.generator else offset)
+                               member_offset=0 if method.spec.generator else offset,
+                               members_as=cfg.ensemble.form())
     t = cfg.train
     precision.configure(ensemble, t.precision, t.compile,
                         double_backward=method.spec.double_backward, name=method.name,

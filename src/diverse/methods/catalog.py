@@ -147,8 +147,9 @@ METHODS: dict[str, MethodSpec] = {
     "sghmc": MethodSpec(SGHMCConfig, build_sghmc, finalize=finalize_sghmc,
                         init_state=init_sghmc, prediction="weight-samples", sampler=True,
                         forms=NO_SHARED_TRAINING),
+    # BatchEnsemble: laplace-torch finds no Linear layer of its own in the fast weights
     "laplace": MethodSpec(LaplaceConfig, build_laplace, finalize=finalize_laplace,
-                          prediction="weight-samples"),
+                          prediction="weight-samples", forms=NO_SHARED_TRAINING),
     "hmc": MethodSpec(HMCConfig, build_hmc, finalize=finalize_hmc, init_state=init_hmc,
                       prediction="weight-samples", sampler=True, needs_prior=True,
                       forms=NO_SHARED_TRAINING),

@@ -54,6 +54,7 @@ from diverse.methods.base import (
     member_gradients,
 )
 from diverse.nets.ensemble import Params, flatten_params, unflatten_params
+from diverse.nets.forms import resolve_layer
 from diverse.nets.hypernet import HyperNetConfig, HyperNetwork, generate_with
 
 OUTPUT = "output"
@@ -196,7 +197,8 @@ def resolve_layers(cfg: HECKAConfig, module: nn.Module) -> tuple[tuple[str, ...]
                         "feature_layers, so HE-CKA would compare the outputs only; name the "
                         "layers to compare, e.g. layers = [\"<module>\", \"output\"], from: "
                         f"{', '.join(n for n in names if n)}")
-    layers = tuple(cfg.layers) or (*module.feature_layers, OUTPUT)
+    layers = tuple(resolve_layer(module, n) for n in (tuple(cfg.layers)
+                                                      or (*module.feature_layers, OUTPUT)))
     for layer in layers:
         if layer != OUTPUT and layer not in names:
             raise UserError(f"[method] layers: {layer!r} is not a module of the model; allowed: "

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from diverse.errors import UserError
-from diverse.nets.forms import Full, build_members, member_seed
+from diverse.nets.forms import PEFT_PREFIX, Full, build_members, member_seed
 
 EXECUTIONS = ("auto", "vmap", "loop")
 __all__ = ["Ensemble", "member_seed", "init_members"]
@@ -469,6 +469,8 @@ def capturing(
     :class:`UserError` naming ``owner`` and the allowed module names.
     """
     named = dict(module.named_modules())
+    named.update({n[len(PEFT_PREFIX):]: m for n, m in named.items()
+                  if n.startswith(PEFT_PREFIX)})  # a LoRA form's layers by the user's names
     unknown = [name for name in layers if name not in named]
     if unknown:
         raise UserError(

@@ -125,7 +125,8 @@ class Head(MemberForm):
     """Named head modules per member over one shared backbone.
 
     Fields:
-        modules: names of the head modules (e.g. ``("fc",)``), per member.
+        modules: names of the head modules (e.g. ``("fc",)``), per member; empty: the
+            last module with parameters of its own (resolved when the members are built).
         train_backbone: False (default): the rest is frozen, in eval mode; True: it
             trains with the members' summed gradient (parameters the user froze stay
             frozen).
@@ -134,16 +135,18 @@ class Head(MemberForm):
     """
 
     name: ClassVar[str] = "head"
-    modules: tuple[str, ...] = ("fc",)
+    modules: tuple[str, ...] = ()
     train_backbone: bool = False
     reinit: bool = True
 
-    def __post_init__(self) -> None:
-        if not self.modules:
-            raise UserError("[ensemble] head_modules = []: name at least one head module")
-
     def _heads(self, template: nn.Module) -> dict[str, nn.Module]:
         named = dict(template.named_modules())
+        if not self.modules:  # the last module with parameters of its own
+            last = [n for n, m in template.named_modules()
+                    if n and any(True for _ in m.parameters(recurse=False))]
+            if not last:
+                raise UserError("[ensemble] members_as = 'head': the model has no parameters")
+            object.__setattr__(self, "modules", (last[-1],))
         for name in self.modules:
             if name not in named or name == "":
                 allowed = ", ".join(n for n, m in template.named_modules()
@@ -238,6 +241,13 @@ class LoRA(MemberForm):
             return peft.get_peft_model(module, config)
         except ValueError as err:  # peft: target modules not found, unsupported layer
             raise UserError(f"[ensemble] lora: {str(err).splitlines()[0]}") from None
+
+    def describe(self) -> dict[str, Any]:
+        if self.config is None:
+            return super().describe()
+        config = {k: sorted(v) if isinstance(v, set) else v
+                  for k, v in self.config.to_dict().items()}
+        return {"members_as": "lora", "peft_config": config}
 
     def member_names(self, template: nn.Module) -> list[str]:
         names = [n for n, p in template.named_parameters() if p.requires_grad]
@@ -372,7 +382,7 @@ def _build_full(factory: Callable[[], nn.Module] | nn.Module, members: int, seed
     return Built(skeleton, params, fixed, shared)
 
 
-def form_from_config(members_as: str, *, head_modules: Sequence[str] = ("fc",),
+def form_from_config(members_as: str, *, head_modules: Sequence[str] = (),
                      train_backbone: bool = False, head_reinit: bool = True,
                      lora_rank: int = 8, lora_alpha: float = 16.0, lora_dropout: float = 0.0,
                      target_modules: Sequence[str] = (), modules_to_save: Sequence[str] = (),
@@ -389,3 +399,38 @@ def form_from_config(members_as: str, *, head_modules: Sequence[str] = ("fc",),
     if members_as == "batchensemble":
         return BatchEnsemble(tuple(target_modules), batchensemble_init, batchensemble_std)
     raise UserError(f"[ensemble] members_as = {members_as!r}: allowed {', '.join(FORMS)}")
+
+
+def form_from_record(record: dict[str, Any] | None) -> MemberForm | None:
+    """The form a run's ``model.json`` describes (:meth:`MemberForm.describe`); None: full."""
+    if not record or record.get("members_as", "full") == "full":
+        return None
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()
+              if k != "members_as"}
+    kind = record["members_as"]
+    if kind == "lora" and "peft_config" in fields:
+        import peft
+
+        config = dict(record["peft_config"])
+        for key in ("peft_type", "task_type", "auto_mapping", "base_model_name_or_path",
+                    "revision", "inference_mode"):
+            config.pop(key, None)
+        return LoRA(config=peft.LoraConfig(**{k: v for k, v in config.items()
+                                              if k in peft.LoraConfig.__dataclass_fields__}))
+    forms = {"head": Head, "lora": LoRA, "batchensemble": BatchEnsemble}
+    if kind not in forms:
+        raise UserError(f"members_as = {kind!r} in the run: allowed {', '.join(FORMS)}")
+    return forms[kind](**fields)
+
+
+#: where peft puts the user's module inside a PeftModel
+PEFT_PREFIX = "base_model.model."
+
+
+def resolve_layer(module: nn.Module, name: str) -> str:
+    """A layer named as in the user's module → its name in the member template (a LoRA
+    form's ``PeftModel`` holds the user's module under ``base_model.model.``)."""
+    named = dict(module.named_modules())
+    if name not in named and PEFT_PREFIX + name in named:
+        return PEFT_PREFIX + name
+    return name

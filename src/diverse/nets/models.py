@@ -684,11 +684,19 @@ class CustomConfig:
         search_path: the folder the module is imported from first (default: the config
             file's folder, filled in by :func:`diverse.app.config.load_config`; then the
             Python path). The module runs with your rights, like any script you run.
+        weights: a safetensors file of pretrained weights loaded into the module after
+            it is built (path relative to the config file); keys it lacks keep the
+            module's initialization (a new head), a key the module lacks or a shape
+            that differs is refused.
+        weights_sha256: the file's SHA-256, filled in when the run starts and recorded
+            in its config: a resume or a load refuses a file that changed.
     """
 
     name: str = "custom"
     factory: str = ""
     search_path: str = ""
+    weights: str = ""
+    weights_sha256: str = ""
 
     def __post_init__(self) -> None:
         module, _, function = self.factory.partition(":")
@@ -726,6 +734,8 @@ def build_custom(cfg: CustomConfig, input_shape: tuple[int, ...], num_outputs: i
     if not isinstance(net, nn.Module):
         raise UserError(f"[model] factory = {cfg.factory!r} returned {type(net).__name__}, not "
                         "a torch.nn.Module")
+    if cfg.weights:
+        load_weights(net, cfg.weights, cfg.weights_sha256)
     was_training = net.training
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         out = net.eval()(torch.zeros(2, *input_shape))
@@ -736,6 +746,45 @@ def build_custom(cfg: CustomConfig, input_shape: tuple[int, ...], num_outputs: i
                         f"{', '.join(map(str, input_shape))}) to {shape}; expected (2, "
                         f"{num_outputs}) (one output per class or target)")
     return net
+
+
+def weights_digest(path: str) -> str:
+    """SHA-256 of a weights file; UserError naming it when it cannot be read."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as err:
+        raise UserError(f"[model] weights = {path!r}: cannot read it ({err.strerror})") from None
+    return digest.hexdigest()
+
+
+def load_weights(net: nn.Module, path: str, sha256: str = "") -> None:
+    """Load a safetensors file into ``net`` (no pickle): checked against ``sha256`` when
+    given; keys the file lacks keep ``net``'s values, unknown keys or shapes are refused."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if sha256 and weights_digest(path) != sha256:
+        raise UserError(f"[model] weights = {path!r}: its SHA-256 is not the recorded "
+                        f"{sha256[:12]}…; the file changed since the run started")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"[model] weights = {path!r}: not a safetensors file ({err})") from None
+    own = net.state_dict()
+    unknown = sorted(set(tensors) - set(own))
+    if unknown:
+        raise UserError(f"[model] weights = {path!r}: tensor {unknown[0]!r} is not in the "
+                        "model")
+    for key, value in tensors.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise UserError(f"[model] weights = {path!r}: {key!r} has shape "
+                            f"{tuple(value.shape)}, the model's is {tuple(own[key].shape)}")
+    net.load_state_dict(tensors, strict=False)
 
 
 Builder = Callable[[Any, tuple[int, ...], int], nn.Module]

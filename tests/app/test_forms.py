@@ -1,0 +1,292 @@
+"""Ensemble forms (``members_as``): every method × form pair of the method table.
+
+For each pair a method supports: vmap = loop on one update, a run killed mid-epoch
+resumes to identical tensors and method state, and ``diverse.load(run).predict``
+equals the uninterrupted run's in-process prediction. Every other pair is refused
+with one line naming the supported forms. Plus the facts of each form: frozen
+parameters are never trained and stored once, BatchEnsemble's closed form, LoRA's
+adapters through peft, and the CLI with a pretrained weights file.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import diverse
+from callbacks import Interrupt
+from diverse.app.train import predict_trained
+from diverse.errors import UserError
+from diverse.methods.base import Step
+from diverse.nets.batchensemble import BatchEnsembleLayer, effective_weight
+from diverse.nets.forms import FORMS, BatchEnsemble, Full, Head, LoRA
+from diverse.nets.likelihoods import Categorical
+from method_table import ROWS
+
+N, CLASSES = 48, 3
+
+
+def images() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(N) % CLASSES
+    x = torch.randn(N, 1, 8, 8, generator=g) * 0.5 + y.view(-1, 1, 1, 1).float() - 1.0
+    return x, y
+
+
+def backbone() -> nn.Module:
+    """A "pretrained" model: the same weights on every call (seeded here)."""
+    g = torch.Generator().manual_seed(42)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 12), nn.Tanh(), nn.Linear(12, CLASSES))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return net
+
+
+FORM_OF = {
+    "head": Head(("3",)),
+    "lora": LoRA(rank=2, alpha=4.0, target_modules=("1", "3")),
+    "batchensemble": BatchEnsemble(),
+}
+PAIRS = [(name, form) for name in sorted(ROWS) for form in FORM_OF
+         if form in diverse.METHODS[name].forms]
+REFUSED = [(name, form) for name in sorted(ROWS) for form in FORM_OF
+           if form not in diverse.METHODS[name].forms]
+
+
+def loader(shuffle: bool = True) -> DataLoader:
+    x, y = images()
+    return DataLoader(TensorDataset(x, y), batch_size=10, shuffle=shuffle,
+                      generator=torch.Generator() if shuffle else None)
+
+
+def _run(name: str, form: str, run_dir, **kwargs):
+    data = diverse.TrainingData(batches=loader(shuffle=False))
+    method = diverse.build_method(ROWS[name].api, data)
+    ensemble = method.ensemble(backbone, 2, seed=5, members_as=FORM_OF[form],
+                               execution="vmap")
+    train = diverse.TrainConfig(epochs=3, lr=0.02, prior_std=1.0, seed=7,
+                                checkpoint_every_steps=2)
+    result = diverse.fit(ensemble, method, loader(), n_train=N, train=train, run_dir=run_dir,
+                         show_progress=False, **kwargs)
+    return method, ensemble, result
+
+
+def test_every_form_is_in_the_table():
+    assert set(FORM_OF) | {"full"} == set(FORMS)
+    for spec in diverse.METHODS.values():
+        assert "full" in spec.forms and set(spec.forms) <= set(FORMS)
+
+
+@pytest.mark.parametrize(("name", "form"), PAIRS)
+def test_a_form_resumes_exactly_and_loads_to_predict_as_in_process(name, form, tmp_path):
+    method, full, full_result = _run(name, form, tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):  # step 7 of 15: mid epoch 2, after a checkpoint
+        _run(name, form, tmp_path / "cut", callbacks=[Interrupt(7)])
+    _m, resumed, resumed_result = _run(name, form, tmp_path / "cut", resume=True)
+    for key, value in full.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    for key, value in full_result.state.items():
+        assert torch.equal(value, resumed_result.state[key]), key
+    x, _y = images()
+    here = predict_trained(method, Categorical(), full, full_result.samples, x)["probs"]
+    loaded = diverse.load(tmp_path / "cut")
+    assert loaded.ensemble.form.name == form
+    torch.testing.assert_close(loaded.predict(x.numpy()).probs, here, rtol=0, atol=1e-6)
+    saved = json.loads((tmp_path / "cut" / "model.json").read_text())
+    assert saved["members_as"]["members_as"] == form
+
+
+@pytest.mark.parametrize(("name", "form"), PAIRS)
+def test_a_form_gives_the_same_update_under_vmap_and_loop(name, form):
+    x, y = images()
+    moved = []
+    for execution in ("vmap", "loop"):
+        method = diverse.build_method(ROWS[name].api, diverse.TrainingData(inputs=x, targets=y))
+        ens = method.ensemble(backbone, 3, seed=1, members_as=FORM_OF[form],
+                              execution=execution).train()
+        torch.manual_seed(0)
+        result = method.update(Step(ens, x[:16], y[:16], Categorical(), N, 1.0, 0.3, 0,
+                                    state=method.init_state(ens)))
+        moved.append(result.grads if result.grads is not None else
+                     {k: v.detach().clone() for k, v in ens.params.items()})
+    for k in moved[0]:
+        scale = max(1e-3, moved[1][k].abs().max().item())
+        torch.testing.assert_close(moved[0][k] / scale, moved[1][k] / scale, atol=2e-5,
+                                   rtol=1e-4)
+
+
+@pytest.mark.parametrize(("name", "form"), REFUSED)
+def test_an_unsupported_pair_is_refused_with_one_line(name, form):
+    x, y = images()
+    method = diverse.build_method(ROWS[name].api, diverse.TrainingData(inputs=x, targets=y))
+    with pytest.raises(UserError, match=f"does not train members_as = '{form}': it supports"
+                       ) as err:
+        method.ensemble(backbone, 2, members_as=FORM_OF[form])
+    assert "\n" not in str(err.value)
+
+
+# ----------------------------------------------------------------- facts of each form
+def frozen_backbone() -> nn.Module:
+    net = backbone()
+    for p in net[1].parameters():
+        p.requires_grad_(False)
+    return net
+
+
+def test_frozen_parameters_are_stored_once_and_never_trained(tmp_path):
+    method = diverse.build_method(diverse.DeepEnsembleConfig())
+    ens = method.ensemble(frozen_backbone, 8, seed=0)  # full form: the user's freezing kept
+    assert set(ens.shared) == {"1.weight", "1.bias"} and set(ens.params) == {"3.weight",
+                                                                             "3.bias"}
+    count = sum(p.numel() for p in ens.parameters())
+    assert count == 64 * 12 + 12 + 8 * (12 * 3 + 3)
+    before = {k: v.clone() for k, v in ens.shared.items()}
+    diverse.fit(ens, method, loader(), n_train=N, train=diverse.TrainConfig(epochs=2, lr=0.05),
+                run_dir=tmp_path, show_progress=False)
+    for k, v in before.items():
+        assert torch.equal(ens.shared[k], v)
+    assert ens.frozen_fingerprint() is not None
+    checkpoint = json.loads((tmp_path / "checkpoints" / "epoch-0002.json").read_text())
+    assert checkpoint["frozen_sha256"] == ens.frozen_fingerprint()
+
+
+def test_load_refuses_frozen_weights_that_changed(tmp_path):
+    method = diverse.build_method(diverse.DeepEnsembleConfig())
+    ens = method.ensemble(backbone, 2, seed=0, members_as=Head(("3",)))
+    diverse.fit(ens, method, loader(), n_train=N, train=diverse.TrainConfig(epochs=1),
+                run_dir=tmp_path, show_progress=False)
+
+    def other() -> nn.Module:
+        net = backbone()
+        with torch.no_grad():
+            net[1].weight.add_(1.0)
+        return net
+
+    with pytest.raises(UserError, match="frozen shared weights differ"):
+        diverse.load(tmp_path, factory=other)
+
+
+def test_the_head_form_shares_a_frozen_backbone_in_eval_mode():
+    def with_dropout() -> nn.Module:
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 12), nn.Dropout(0.5), nn.Linear(12, 3))
+
+    ens = diverse.Ensemble(with_dropout, 4, members_as=Head(("3",)), execution="vmap").train()
+    assert not ens.module[2].training and ens.module[3].training  # no dropout in the backbone
+    x = torch.randn(5, 1, 8, 8)
+    feats = ens.module[1](x.flatten(1))
+    for m in range(4):  # each member: its own head on the one backbone
+        expected = feats @ ens.params["3.weight"][m].T + ens.params["3.bias"][m]
+        torch.testing.assert_close(ens(x)[m], expected)
+    heads = ens.params["3.weight"]
+    assert not torch.equal(heads[0], heads[1])  # re-initialized per member
+
+
+def test_batchensemble_member_is_the_layer_with_weight_w_times_s_r():
+    ens = diverse.Ensemble(backbone, 3, members_as=BatchEnsemble(), execution="loop")
+    assert set(ens.shared_trainable) == {"1.weight", "3.weight"}
+    assert all(set(v.unique().tolist()) <= {-1.0, 1.0} for k, v in ens.params.items()
+               if k.endswith((".r", ".s")))
+    x = torch.randn(4, 1, 8, 8)
+    out = ens(x)
+    for m in range(3):
+        member = ens.member(m)
+        layers = [mod for mod in member if isinstance(mod, BatchEnsembleLayer)]
+        h = torch.tanh(x.flatten(1) @ effective_weight(layers[0]).T + layers[0].bias)
+        expected = h @ effective_weight(layers[1]).T + layers[1].bias
+        torch.testing.assert_close(out[m], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_batchensemble_slow_weights_get_the_members_summed_gradient():
+    x, y = images()
+    method = diverse.build_method(diverse.SVGDConfig())  # no shared gradient of its own
+    ens = method.ensemble(backbone, 3, seed=2, members_as=BatchEnsemble(), execution="loop")
+    optimizer = torch.optim.SGD(list(ens.trainable.values()), lr=0.0)
+    target = diverse.LogPosterior(Categorical(), N, 1.0)
+    diverse.train_step(ens.train(), method, optimizer, (x[:16], y[:16]), target)
+    w = {k: v.detach().clone().requires_grad_(True) for k, v in ens.shared_trainable.items()}
+    total = sum(v.square().sum() for v in w.values()) / (2 * N)  # the prior on W, once
+    for m in range(3):  # Σ_m NLL_m (the members' priors do not involve W)
+        p = {k: v[m].detach() for k, v in ens.params.items()}
+        out = torch.func.functional_call(ens.module, {**p, **w}, (x[:16],))
+        total = total + nn.functional.cross_entropy(out, y[:16])
+    expected = torch.autograd.grad(total, list(w.values()))
+    for p, g in zip(ens.shared_trainable.values(), expected, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+
+
+def test_lora_members_are_peft_adapters_on_one_frozen_base():
+    import peft
+
+    ens = diverse.Ensemble(backbone, 4, members_as=LoRA(rank=2, target_modules=("1", "3")))
+    assert isinstance(ens.module, peft.PeftModel)
+    assert all("lora_" in k for k in ens.params) and len(ens.params) == 4
+    assert all(not v.requires_grad for v in ens.shared.values())
+    a = ens.params["base_model.model.1.lora_A.default.weight"]
+    assert not torch.equal(a[0], a[1])  # each member's own seeded adapters
+    assert not ens.params["base_model.model.1.lora_B.default.weight"].detach().any()
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():  # B = 0: every member is the base model
+        torch.testing.assert_close(ens(x), backbone()(x).expand(4, 5, 3))
+    own = peft.get_peft_model(backbone(), peft.LoraConfig(r=2, target_modules=["1", "3"]))
+    from_peft = diverse.Ensemble(own, 2, members_as=LoRA(config=own.peft_config["default"]))
+    assert set(from_peft.params) == set(ens.params)
+
+
+def test_full_form_default_is_unchanged():
+    a = diverse.Ensemble(backbone, 3, seed=4)
+    b = diverse.Ensemble(backbone, 3, seed=4, members_as=Full())
+    assert a.state_dict().keys() == b.state_dict().keys()
+    assert not a.shared and a.form.name == "full"
+
+
+def test_ensemble_honours_every_module_method():
+    ens = diverse.Ensemble(lambda: nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), 3)
+    assert len(list(ens.buffers())) == 3 and dict(ens.named_buffers())
+    averaged = torch.optim.swa_utils.AveragedModel(ens, use_buffers=True)
+    averaged.update_parameters(ens)
+    copy = diverse.Ensemble(lambda: nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), 3,
+                            seed=9)
+    copy.load_state_dict(ens.state_dict())
+    assert all(torch.equal(v, copy.state_dict()[k]) for k, v in ens.state_dict().items())
+
+
+# ------------------------------------------------------------------------------ CLI
+MODULE = '''
+from torch import nn
+
+
+def net(input_shape, num_outputs):
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, num_outputs))
+'''
+
+
+def test_cli_fine_tunes_heads_on_a_pretrained_weights_file(tmp_path, monkeypatch):
+    from diverse.app.cli import main
+
+    (tmp_path / "models.py").write_text(MODULE)
+    torch.manual_seed(0)
+    pretrained = nn.Sequential(nn.Flatten(), nn.Linear(64, 16))
+    save_file({k: v.contiguous() for k, v in pretrained.state_dict().items()},
+              str(tmp_path / "backbone.safetensors"))
+    config = tmp_path / "c.toml"
+    config.write_text('[data]\nname = "digits"\ntrain_subset = 200\n[model]\nname = "custom"\n'
+                      'factory = "models:net"\nweights = "backbone.safetensors"\n[ensemble]\n'
+                      'members = 3\nmembers_as = "head"\n[method]\nname = "de"\n[train]\n'
+                      'epochs = 1\nbatch_size = 50\n')
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", str(config), "--out", str(tmp_path / "run")]) == 0
+    recorded = (tmp_path / "run" / "config.toml").read_text()
+    assert "weights_sha256" in recorded
+    loaded = diverse.load(tmp_path / "run")
+    assert loaded.ensemble.form.name == "head" and set(loaded.ensemble.params) == {
+        "3.weight", "3.bias"}
+    assert torch.equal(loaded.ensemble.shared["1.weight"], pretrained[1].weight)
+    (tmp_path / "backbone.safetensors").write_bytes(b"changed")
+    with pytest.raises(UserError, match="SHA-256 is not the recorded"):
+        diverse.load(tmp_path / "run")
