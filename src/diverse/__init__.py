@@ -13,6 +13,7 @@ The public API (loaded lazily, so ``import diverse`` stays cheap):
   :class:`HMCConfig`) → :class:`Method`; :data:`METHODS`, the method table;
 * members of a pretrained model: ``members_as=`` :class:`Full`, :class:`Head`,
   :class:`LoRA` (through ``peft``), :class:`BatchEnsemble` (:mod:`diverse.nets.forms`);
+  members of different architectures: :class:`Heterogeneous` groups;
 * training: :func:`fit` over any iterable of ``(x, y)`` batches, with
   :class:`TrainConfig`, :class:`Callback` hooks, checkpoints and exact resume; or your
   own loop around :func:`train_step` (one update: :class:`Step` → :class:`StepResult`)
@@ -51,6 +52,7 @@ _LAZY = {
     "Head": "diverse.nets.forms",
     "LoRA": "diverse.nets.forms",
     "BatchEnsemble": "diverse.nets.forms",
+    "Heterogeneous": "diverse.nets.heterogeneous",
     "DeepEnsembleConfig": "diverse.methods.base",
     "TrainConfig": "diverse.app.config",
     "SVGDConfig": "diverse.methods.particles",

@@ -241,7 +241,7 @@ def repulsion_warning(record: dict[str, Any]) -> str | None:
 MODEL_FILE = "model.json"
 
 
-def factory_reference(factory: Callable[[], Any]) -> dict[str, str | None]:
+def factory_reference(factory: Any) -> dict[str, Any]:
     """How to import ``factory`` again: ``{"factory": "module:qualname", "file": path}``.
 
     A factory defined at the top level of a module (``file`` is its source, used
@@ -250,6 +250,10 @@ def factory_reference(factory: Callable[[], Any]) -> dict[str, str | None]:
     a lambda or a nested function cannot (``factory`` is then None and ``load``
     needs ``factory=`` given).
     """
+    groups = getattr(factory, "groups", None)
+    if groups is not None:  # a heterogeneous ensemble: each group's factory and count
+        return {"factory": None, "file": None,
+                "groups": [{**factory_reference(f), "members": count} for f, count in groups]}
     module = getattr(factory, "__module__", None)
     qualname = getattr(factory, "__qualname__", "")
     if not module or "<lambda>" in qualname or "<locals>" in qualname:

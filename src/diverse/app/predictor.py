@@ -37,6 +37,7 @@ from diverse.math import metrics
 from diverse.math.conformal import RANDOM_SEED, prediction_sets
 from diverse.methods.catalog import METHODS, Method
 from diverse.nets.forms import form_from_record
+from diverse.nets.heterogeneous import Heterogeneous
 from diverse.nets.likelihoods import LikelihoodConfig, build_likelihood
 from diverse.nets.samples import Samples, has_samples, load_samples
 
@@ -135,7 +136,13 @@ class Predictor:
                 raise UserError(f"{self.run_dir}: unknown method {name!r} in {MODEL_FILE}")
             config = from_mapping(METHODS[name].config, saved["method"], "[method]")
             self.method = Method(config, for_training=False)
-            build = factory if factory is not None else import_factory(saved, self.run_dir)
+            if factory is not None:
+                build = factory
+            elif saved.get("groups"):  # heterogeneous: every group's factory
+                build = Heterogeneous([(import_factory(g, self.run_dir), int(g["members"]))
+                                       for g in saved["groups"]])
+            else:
+                build = import_factory(saved, self.run_dir)
             self.ensemble = self.method.ensemble(
                 build, int(saved["members"]), seed=int(saved["seed"]), device=self.device,
                 members_as=form_from_record(saved.get("members_as")))

@@ -61,6 +61,7 @@ from diverse.methods.swag import SWAGConfig, build_swag, finalize_swag, init_swa
 from diverse.methods.vi import VIConfig, build_vi, finalize_vi, wrap_vi
 from diverse.nets.ensemble import Ensemble
 from diverse.nets.forms import FORMS, MemberForm
+from diverse.nets.heterogeneous import Heterogeneous, build_heterogeneous
 from diverse.nets.samples import Samples
 
 MethodBuilder = Callable[[Any, TrainingData | None], Callable[[Step], StepResult]]
@@ -70,6 +71,10 @@ ALL_FORMS: tuple[str, ...] = FORMS
 #: the forms without shared trainable tensors (a sampler moves only member parameters)
 NO_SHARED_TRAINING: tuple[str, ...] = ("full", "head", "lora")
 FULL_ONLY: tuple[str, ...] = ("full",)
+#: members of different architectures (:mod:`diverse.nets.heterogeneous`): for the methods
+#: that compare members through outputs, input gradients or features
+HETEROGENEOUS = "heterogeneous"
+THROUGH_FUNCTIONS: tuple[str, ...] = (*FORMS, HETEROGENEOUS)
 ModelWrapper = Callable[[Any, nn.Module, int, int], nn.Module]  # (cfg, module, members, seed)
 Finalizer = Callable[[Any, Ensemble, Finish], Samples]
 Prediction = Literal["members", "monte-carlo", "weight-samples"]
@@ -126,13 +131,18 @@ def _mutual_peer(cfg: MutualBNNConfig, module: nn.Module, _members: int, _seed: 
 
 
 METHODS: dict[str, MethodSpec] = {
-    "de": MethodSpec(DeepEnsembleConfig, deep_ensemble, shardable=True),
+    "de": MethodSpec(DeepEnsembleConfig, deep_ensemble, shardable=True,
+                     forms=THROUGH_FUNCTIONS),
     "svgd": MethodSpec(SVGDConfig, build_svgd, shardable=True),
     "wgd": MethodSpec(WGDConfig, build_wgd, shardable=True),
-    "f-svgd": MethodSpec(SVGDConfig, build_f_svgd, shardable=True, function_space=True),
-    "f-wgd": MethodSpec(WGDConfig, build_f_wgd, shardable=True, function_space=True),
-    "forde": MethodSpec(FoRDEConfig, build_forde, shardable=True, double_backward=True),
-    "he-cka": MethodSpec(HECKAConfig, build_he_cka, feature_space=True),
+    "f-svgd": MethodSpec(SVGDConfig, build_f_svgd, shardable=True, function_space=True,
+                         forms=THROUGH_FUNCTIONS),
+    "f-wgd": MethodSpec(WGDConfig, build_f_wgd, shardable=True, function_space=True,
+                        forms=THROUGH_FUNCTIONS),
+    "forde": MethodSpec(FoRDEConfig, build_forde, shardable=True, double_backward=True,
+                        forms=THROUGH_FUNCTIONS),
+    "he-cka": MethodSpec(HECKAConfig, build_he_cka, feature_space=True,
+                         forms=THROUGH_FUNCTIONS),
     "svgd-cka": MethodSpec(SVGDCKAConfig, build_svgd_cka, feature_space=True),
     "hyper-he-cka": MethodSpec(HyperHECKAConfig, build_hyper_he_cka, wrap_hypernetwork,
                                generator=True, feature_space=True, forms=FULL_ONLY),
@@ -154,6 +164,9 @@ METHODS: dict[str, MethodSpec] = {
                       prediction="weight-samples", sampler=True, needs_prior=True,
                       forms=NO_SHARED_TRAINING),
 }
+
+
+HETERO_METHODS = tuple(name for name, spec in METHODS.items() if HETEROGENEOUS in spec.forms)
 
 
 def check_training(name: str, prior_std: float, weight_decay: float) -> None:
@@ -222,6 +235,15 @@ class Method:
         initialized from ``seed``, in the form ``members_as`` (default: full copies;
         :mod:`diverse.nets.forms`). A generator method (hypernetwork) holds one slot
         that generates ``members`` members per step."""
+        if isinstance(factory, Heterogeneous):
+            if HETEROGENEOUS not in self.spec.forms:
+                raise UserError(f"method {self.name!r} does not train heterogeneous members: "
+                                "it compares members in one weight space; heterogeneous "
+                                f"ensembles train with {', '.join(HETERO_METHODS)}")
+            hetero = build_heterogeneous(factory, self.ensemble, members, seed=seed,
+                                         execution=execution, device=device)
+            hetero.built_for = self.name
+            return hetero
         wrap = self.spec.wrap_model
         cfg = self.config
         form = "full" if members_as is None else members_as.name

@@ -314,7 +314,7 @@ def adversarial_nll(step: Step, params: Params, epsilon: float) -> Tensor:
     """Per-member mean NLL on FGSM inputs, ``(M,)`` (0 when ε = 0)."""
     if epsilon <= 0:
         first = next(iter(params.values()))
-        return first.new_zeros(first.shape[0])
+        return first.new_zeros(step.ensemble.members)
     xs = fgsm_inputs(step, params, epsilon)
     out = step.ensemble.apply(params, xs, per_member_input=True)
     return step.target.nll(out, step.y)

@@ -403,8 +403,8 @@ def form_from_config(members_as: str, *, head_modules: Sequence[str] = (),
 
 def form_from_record(record: dict[str, Any] | None) -> MemberForm | None:
     """The form a run's ``model.json`` describes (:meth:`MemberForm.describe`); None: full."""
-    if not record or record.get("members_as", "full") == "full":
-        return None
+    if not record or record.get("members_as", "full") in ("full", "heterogeneous"):
+        return None  # (a heterogeneous run's groups are described beside it)
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()
               if k != "members_as"}
     kind = record["members_as"]

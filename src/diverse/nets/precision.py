@@ -76,6 +76,11 @@ def configure(ensemble: Ensemble, precision: str, compile: bool, *,
     """
     if precision not in PRECISIONS:
         raise UserError(f"[train] precision = {precision!r}: allowed {', '.join(PRECISIONS)}")
+    if hasattr(ensemble, "groups"):  # a heterogeneous ensemble: every group
+        for group in ensemble.groups:
+            configure(group, precision, compile, double_backward=double_backward, name=name,
+                      notify=notify)
+        return
     ensemble.configured = (precision, compile)
     if precision == "bf16":
         autocast_forward(ensemble.module, ensemble.device.type)
