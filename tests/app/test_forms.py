@@ -290,3 +290,78 @@ def test_cli_fine_tunes_heads_on_a_pretrained_weights_file(tmp_path, monkeypatch
     (tmp_path / "backbone.safetensors").write_bytes(b"changed")
     with pytest.raises(UserError, match="SHA-256 is not the recorded"):
         diverse.load(tmp_path / "run")
+
+
+# ------------------------------------------------------- LoRA: the kernel on ΔW = s·B A
+def _lora_ensemble(members: int = 3) -> diverse.Ensemble:
+    method = diverse.build_method(diverse.SVGDConfig())
+    ens = method.ensemble(backbone, members, seed=3, members_as=LoRA(rank=2, alpha=4.0,
+                                                                     target_modules=("1", "3")))
+    with torch.no_grad():  # members away from B = 0, where every ΔW is 0
+        for k, v in ens.params.items():
+            if "lora_B" in k:
+                v.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(k)))
+    return ens.train()
+
+
+def test_svgd_on_lora_deltas_is_svgd_with_the_kernel_of_delta_w():
+    cfg = diverse.SVGDConfig(lora_space="delta", bandwidth="fixed", bandwidth_value=2.0)
+    ens = _lora_ensemble()
+    x, y = images()
+    result = diverse.build_method(cfg).update(Step(ens, x[:16], y[:16], Categorical(), N,
+                                                   1.0, 0.5))
+    # the oracle: autograd through k(w_j, w_i) = exp(-||e(w_j) - e(w_i)||² / h)
+    w = {k: v.detach().clone().requires_grad_(True) for k, v in ens.params.items()}
+    out = ens.apply(w, x[:16])
+    loss = diverse.LogPosterior(Categorical(), N, 1.0).loss(out, y[:16], w)
+    g = torch.autograd.grad(loss.sum(), list(w.values()))
+    e = []
+    for layer in ("1", "3"):
+        a = w[f"base_model.model.{layer}.lora_A.default.weight"]
+        b = w[f"base_model.model.{layer}.lora_B.default.weight"]
+        e.append((2.0 * b @ a).flatten(1))
+    e = torch.cat(e, 1).double()
+    k = torch.exp(-torch.cdist(e, e).square() / 2.0)
+    m, c = 3, 1.0 / N
+    for i in range(m):
+        rep = torch.autograd.grad(k[:, i].sum(), list(w.values()), retain_graph=True,
+                                  allow_unused=True)
+        for (name, _v), gi, ri in zip(w.items(), g, rep, strict=True):
+            drive = sum(k[j, i] * gi[j].double() for j in range(m)) / m
+            # Σ_j ∇_{w_j} k(w_j, w_i): row j of the gradient of Σ_j k(w_j, w_i), j ≠ i
+            repulsion = sum(ri[j].double() for j in range(m) if j != i)
+            expected = drive - (c / m) * repulsion
+            torch.testing.assert_close(result.grads[name][i].double(), expected,
+                                       rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["svgd", "wgd"])
+def test_the_delta_kernel_is_blind_to_the_lora_symmetry(name):
+    make = diverse.SVGDConfig if name == "svgd" else diverse.WGDConfig
+    x, y = images()
+    means = {}
+    for space in ("factors", "delta"):
+        for turned in (False, True):
+            ens = _lora_ensemble()
+            if turned:  # (B, A) -> (B R^-1, R A) per member: the same ΔW
+                with torch.no_grad():
+                    for layer in ("1", "3"):
+                        a = ens.params[f"base_model.model.{layer}.lora_A.default.weight"]
+                        b = ens.params[f"base_model.model.{layer}.lora_B.default.weight"]
+                        r = torch.tensor([[2.0, 0.5], [0.0, 0.25]])
+                        a.copy_(r @ a)
+                        b.copy_(b @ torch.linalg.inv(r))
+            cfg = make(name=name, lora_space=space)
+            result = diverse.build_method(cfg).update(Step(ens, x[:16], y[:16], Categorical(),
+                                                           N, 1.0, 0.5))
+            means[space, turned] = float(result.logs["kernel_mean"])
+    assert means["delta", False] == pytest.approx(means["delta", True], rel=1e-5)
+    assert means["factors", False] != pytest.approx(means["factors", True], rel=1e-3)
+
+
+def test_the_delta_kernel_needs_lora_members():
+    x, y = images()
+    method = diverse.build_method(diverse.SVGDConfig(lora_space="delta"))
+    ens = method.ensemble(backbone, 2)
+    with pytest.raises(UserError, match="lora_space = 'delta' needs a LoRA ensemble"):
+        method.update(Step(ens, x[:8], y[:8], Categorical(), N, 1.0, 0.5))

@@ -89,6 +89,12 @@ class SVGDConfig:
             estimate of the function-space prior score (0 = M; default 0).
             The weight prior is N(0, σ²) with σ = ``[train] prior_std``; with
             prior_std = 0 there is no prior term.
+        lora_space: weight space of a LoRA ensemble (``members_as = "lora"``) only:
+            ``"factors"`` (default) — the kernel compares the adapter factors
+            ``(A, B)`` as they are; ``"delta"`` — it compares the effective updates
+            ``ΔW = s·B A`` of every adapted layer (other member parameters as they
+            are), which are invariant under LoRA's symmetry ``(B, A) → (B R⁻¹, R A)``
+            (:func:`lora_delta_update`).
     """
 
     name: str = "svgd"
@@ -104,6 +110,7 @@ class SVGDConfig:
     context_points: int = 0
     context_source: str = "train"
     prior_samples: int = 0
+    lora_space: str = "factors"
 
     def __post_init__(self) -> None:
         """Valid once constructed: a one-line UserError naming the bad value."""
@@ -139,6 +146,7 @@ def _check(cfg: SVGDConfig) -> None:
     choice("repulsion_scale", REPULSION_SCALES)
     choice("output", ("softmax", "logits"))
     choice("context_source", ("train", "box"))
+    choice("lora_space", ("factors", "delta"))
     if isinstance(cfg, WGDConfig):
         choice("estimator", tuple(scores.SCORE_ESTIMATORS))
         if cfg.estimator == "ssge" and cfg.kernel != "rbf":
@@ -342,6 +350,15 @@ def weight_space(cfg: SVGDConfig, interactor: Interactor) -> Callable[[Step], St
         loss = step.target.loss(outputs, step.y, params)
         loss = loss + adversarial_nll(step, params, cfg.fgsm_epsilon)
         grads = member_gradients(loss.sum(), params)  # g = −∇ log p(w|D) / N
+        if cfg.lora_space == "delta":
+            if step.comm.size > 1:
+                raise UserError("[method] lora_space = 'delta' runs in one process")
+            update_grads, logs = lora_delta_update(
+                interactor, lora_pairs(step.ensemble), grads,
+                {k: v.detach() for k, v in params.items()}, a, c)
+            logs.update(_disagreement(outputs.detach(), step), anneal=a)
+            return StepResult(loss=loss.detach(), outputs=outputs.detach(), grads=update_grads,
+                              logs=logs)
         comm = step.comm  # sharded: the interaction of all M particles, this rank's rows kept
         leaves = gather_leaves(comm, {k: v.detach() for k, v in params.items()})
         gram = kernels.gram(leaves.values())
@@ -355,6 +372,85 @@ def weight_space(cfg: SVGDConfig, interactor: Interactor) -> Callable[[Step], St
                           logs=logs)
 
     return update
+
+
+def lora_pairs(ensemble: Ensemble) -> list[tuple[str, str, float]]:
+    """``(A name, B name, scaling s)`` of every LoRA adapter among the member parameters
+    (``ΔW = s·B A``); UserError if the ensemble has none."""
+    pairs = []
+    for prefix, module in ensemble.module.named_modules():
+        adapters_a = getattr(module, "lora_A", None)
+        if not isinstance(adapters_a, torch.nn.ModuleDict):
+            continue
+        for adapter in adapters_a:
+            a_name = f"{prefix}.lora_A.{adapter}.weight"
+            b_name = f"{prefix}.lora_B.{adapter}.weight"
+            if a_name in ensemble.params and b_name in ensemble.params:
+                pairs.append((a_name, b_name, float(module.scaling[adapter])))
+    if not pairs:
+        raise UserError("[method] lora_space = 'delta' needs a LoRA ensemble "
+                        "(members_as = 'lora'); this one has no adapters")
+    return pairs
+
+
+def lora_delta_update(interactor: Interactor, pairs: list[tuple[str, str, float]],
+                      grads: Params, leaves: Params, a: float, c: float
+                      ) -> tuple[Params, dict[str, Tensor]]:
+    """−φ of a weight-space particle method whose kernel compares LoRA updates ``ΔW``.
+
+    The particles keep their parameters ``w`` (the factors); the kernel is
+    ``k(w, w') = κ(e(w), e(w'))`` with ``e(w)`` every adapted layer's ``ΔW = s·B A``
+    (flattened per member, ``(M, O, I)``) and the other member parameters as they are
+    — a positive-definite kernel on ``w``, blind to the symmetry ``(B, A) → (BR⁻¹, RA)``.
+    With ``c_ij = −R_ij`` (``R`` annihilates constants: ``(R e)_i = Σ_j c_ij (e_i − e_j)``):
+
+    * SVGD: the repulsion ``Σ_j ∇_{w_j} k(w_j, w_i)`` is ``Σ_j c_ij J(w_j)ᵀ (e_i − e_j)``,
+      the Jacobian at the *other* particle; for ``ΔW = sBA``, ``J(w)ᵀ U = (s U Aᵀ, s Bᵀ U)``
+      for ``(B, A)``, so the sum is two contractions per layer;
+    * WGD (a score estimate at each particle): ``J(w_i)ᵀ (R e)_i``, the pull-back of the
+      e-space score to the particle's own factors.
+
+    The driving term ``A g`` stays in the parameters. Returns the gradient for the
+    optimizer ``A g + repulsion`` and the diagnostics (norms in e-space).
+    """
+    of_pair = {n for pair in pairs for n in pair[:2]}
+    first = next(iter(grads.values()))
+    m = first.shape[0]
+    deltas = {b: (s * leaves[b].reshape(m, leaves[b].shape[1], -1)
+                  @ leaves[a_].reshape(m, leaves[a_].shape[1], -1))
+              for a_, b, s in pairs}
+    blocks = [*deltas.values(), *(v for k, v in leaves.items() if k not in of_pair)]
+    gram = kernels.gram(blocks)
+    it = interactor(kernels.sq_dists_from_gram(gram), a, c)
+    mixes = not isinstance(it.drive, float)
+    repel = it.repel.to(first.dtype)
+    out, norms = {}, []
+    for name, g in grads.items():
+        rows = g.reshape(m, -1)
+        step = rows * it.drive if not mixes else it.drive.to(first.dtype) @ rows
+        norms.append(torch.linalg.vector_norm(step, dim=1))
+        if name not in of_pair:
+            step = step + repel @ leaves[name].reshape(m, -1)
+        out[name] = step.view(g.shape)
+    coef = -repel.clone()
+    coef.diagonal().zero_()  # c_ij, j ≠ i
+    for a_name, b_name, s in pairs:
+        e = deltas[b_name]  # (M, O, I)
+        a_f = leaves[a_name].reshape(m, leaves[a_name].shape[1], -1)  # (M, r, I)
+        b_f = leaves[b_name].reshape(m, leaves[b_name].shape[1], -1)  # (M, O, r)
+        if mixes:  # SVGD: Σ_j c_ij J(w_j)ᵀ (e_i − e_j)
+            grad_b = s * (torch.einsum("ij,ioI,jrI->ior", coef, e, a_f)
+                          - torch.einsum("ij,joI,jrI->ior", coef, e, a_f))
+            grad_a = s * (torch.einsum("ij,jor,ioI->irI", coef, b_f, e)
+                          - torch.einsum("ij,jor,joI->irI", coef, b_f, e))
+        else:  # WGD: J(w_i)ᵀ (R e)_i
+            u = (repel @ e.reshape(m, -1)).view_as(e)
+            grad_b = s * u @ a_f.mT
+            grad_a = s * b_f.mT @ u
+        out[b_name] = out[b_name] + grad_b.reshape(out[b_name].shape)
+        out[a_name] = out[a_name] + grad_a.reshape(out[a_name].shape)
+    driving = torch.linalg.vector_norm(torch.stack(norms, 1).double(), dim=1)
+    return out, _diagnostics(it, driving, repulsion_norms(it, gram))
 
 
 def gather_leaves(comm: Comm, leaves: Params) -> Params:
