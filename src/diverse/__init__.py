@@ -36,6 +36,7 @@ _LAZY = {
     "Prediction": "diverse.app.predictor",
     "fit": "diverse.app.loop",
     "FitResult": "diverse.app.loop",
+    "RunOptions": "diverse.app.loop",
     "Callback": "diverse.app.loop",
     "TensorBatches": "diverse.app.loop",
     "predict": "diverse.evaluation.prediction",

@@ -44,17 +44,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from diverse.app.checkpointing import Checkpointer, Resumed, set_rng
 from diverse.app.config import TrainConfig
-from diverse.app.optim import (
-    build_optimizer,
-    load_optimizer_tensors,
-    optimizer_tensors,
-    schedule_factor,
-)
+from diverse.app.meter import Divergence, EpochMeter
+from diverse.app.optim import build_optimizer, schedule_factor
 from diverse.app.tracking import NullTracker
-from diverse.checkpoint import load_checkpoint, save_checkpoint
 from diverse.data.augment import crop_and_flip
-from diverse.errors import DivergenceError, UserError
+from diverse.errors import UserError
 from diverse.evaluation.prediction import predict
 from diverse.math import metrics
 from diverse.methods.base import LogPosterior, StepResult
@@ -291,194 +287,196 @@ def write_model_spec(run_dir: Path, method: Method, ensemble: Ensemble, likeliho
 
 
 # ---------------------------------------------------------------- the loop
-#: the key prefix of the method's state in a checkpoint's model tensors
-STATE = "state/"
+@dataclass(frozen=True)
+class RunOptions:
+    """Where and how a :func:`fit` run keeps itself: its directory, resume, cadence of
+    step checkpoints, hooks, progress, logging and what its saved description records.
 
-
-def split_state(model_t: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    """The method's state ``{name: (M, ...)}`` among a checkpoint's model tensors."""
-    return {k[len(STATE):]: v.to(device) for k, v in model_t.items() if k.startswith(STATE)}
-
-
-def check_frozen(manifest: dict[str, Any], fingerprint: str | None) -> None:
-    """UserError when the frozen shared weights differ from those the run trained with."""
-    saved = manifest.get("frozen_sha256")
-    if saved is not None and saved != fingerprint:
-        raise UserError(f"the frozen shared weights differ from the run's (SHA-256 "
-                        f"{(fingerprint or 'none')[:12]}… vs {saved[:12]}… recorded): load the "
-                        "same pretrained weights the run was trained with")
-
-
-RNG_KEY = "rng/cpu"
-CUDA_RNG_KEY = "rng/cuda"
-
-
-def _rng_tensors(device: torch.device) -> dict[str, Tensor]:
-    out = {RNG_KEY: torch.get_rng_state()}
-    if device.type == "cuda":
-        out[CUDA_RNG_KEY] = torch.cuda.get_rng_state(device)
-    return out
-
-
-def _set_rng(tensors: dict[str, Tensor], device: torch.device) -> None:
-    torch.set_rng_state(tensors[RNG_KEY].to(torch.uint8).cpu())
-    if device.type == "cuda" and CUDA_RNG_KEY in tensors:
-        torch.cuda.set_rng_state(tensors[CUDA_RNG_KEY].to(torch.uint8).cpu(), device)
-
-
-class _Divergence:
-    """The training stop at the first non-finite loss or update, naming its step.
-
-    On the CPU a host read is free: every step is checked as it happens. On an
-    accelerator a read would serialize the step, so the first bad global step is
-    recorded on the device and read at the loop's sync points (the progress
-    line, a checkpoint, the epoch's end): the stop still names the step, and a
-    checkpoint is only written after a check, so none holds non-finite values.
-    """
-
-    def __init__(self, device: torch.device, comm: Comm, step: int,
-                 kept: Callable[[], str], deferred: bool) -> None:
-        self.deferred = deferred  # the loop's choice: not HOST_READS_EVERY_STEP
-        self.comm = comm
-        self.kept = kept  # what is kept, said in the message
-        if self.deferred:
-            self.step = torch.full((), step, dtype=torch.long, device=device)
-            self.first = torch.full((), -1, dtype=torch.long, device=device)
-            self.grads_bad = torch.zeros((), dtype=torch.bool, device=device)
-
-    def record(self, result: StepResult, step: int, spe: int) -> None:
-        """Check (CPU) or record (accelerator) this step's loss and update."""
-        loss_ok = torch.isfinite(result.loss).all()
-        grads = list((result.grads or {}).values())
-        grads_ok = (torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads
-                    else torch.ones_like(loss_ok))
-        if not self.deferred:
-            if self.comm.any(not bool(loss_ok & grads_ok)):
-                self._raise(step, spe, not bool(grads_ok))
-            return
-        newly = ~(loss_ok & grads_ok) & (self.first < 0)
-        self.first = torch.where(newly, self.step, self.first)
-        self.grads_bad = torch.where(newly, ~grads_ok, self.grads_bad)
-        self.step += 1
-
-    def check(self, spe: int) -> None:
-        """Raise if a recorded step was non-finite (a host read on an accelerator)."""
-        if not self.deferred:
-            return
-        first = int(self.first)
-        if self.comm.any(first >= 0):
-            self._raise(max(first, 0), spe, bool(self.grads_bad))
-
-    def _raise(self, step: int, spe: int, grads_bad: bool) -> None:
-        what = "update (gradient)" if grads_bad else "loss"
-        raise DivergenceError(f"non-finite {what} at epoch {step // spe + 1} step "
-                              f"{step % spe + 1} (global step {step + 1}); {self.kept()}")
-
-
-@dataclass
-class _Sums:
-    """The running sums of one epoch (saved in a mid-epoch checkpoint)."""
-
-    loss: float = 0.0
-    fit: float = 0.0
-    count: int = 0
-    steps: int = 0
-    nll: float = 0.0
-    diag: dict[str, float] = field(default_factory=dict)
-    diag_steps: dict[str, int] = field(default_factory=dict)  # steps that reported each key
-
-
-def _read_diagnostics(on_device: dict[str, Tensor], sums: _Sums) -> None:
-    """Move the diagnostics summed on an accelerator into the epoch's host sums."""
-    for key, value in on_device.items():
-        sums.diag[key] = sums.diag.get(key, 0.0) + float(value)
-    on_device.clear()
-
-
-def fit(
-    ensemble: Ensemble,
-    method: Method,
-    train_batches: Batches,
-    *,
-    n_train: int,
-    likelihood: Likelihood | LikelihoodConfig | str = "categorical",
-    train: TrainConfig | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
-    val: Batches | tuple[Tensor, Tensor] | None = None,
-    val_name: str = "val",
-    run_dir: str | Path | None = None,
-    resume: bool = False,
-    checkpoint_every_steps: int | None = None,
-    callbacks: Sequence[Callback] = (),
-    show_progress: bool = True,
-    tracker: Any = None,
-    run_record: dict[str, Any] | None = None,
-    normalization: tuple[Sequence[float], Sequence[float]] | None = None,
-    comm: Comm | None = None,
-) -> FitResult:
-    """Train ``ensemble`` with ``method`` on ``train_batches``; return the history.
-
-    Args:
-        ensemble: the members (``method.ensemble(factory, M)``), on their device.
-        method: a :class:`~diverse.methods.catalog.Method`
-            (:func:`~diverse.methods.catalog.build_method`).
-        train_batches: ``(x, y)`` batches with a length (a ``DataLoader``,
-            :class:`TensorBatches`); only the current batch is moved to the device.
-        n_train: the training-set size N (the likelihood's weight in the posterior).
-        likelihood: ``"categorical"``, ``"gaussian"``, a config or a built likelihood.
-        train: epochs or steps, optimizer, learning rate and schedule, prior σ,
-            seed, checkpoint cadence, device (the ensemble is moved there; ``"auto"``:
-            CUDA when available), precision and compilation (applied to an ensemble
-            not configured yet) (:class:`~diverse.app.config.TrainConfig`; its
-            ``batch_size`` is the loader's business here).
-        optimizer: an optimizer over ``ensemble.parameters()`` instead of the one
-            ``train`` describes; the schedule scales each group's initial lr.
-        val: a validation loader or ``(x, y)`` tensors, evaluated every
-            ``train.eval_every`` epochs and at the end (``{val_name}_*`` keys).
-        run_dir: where checkpoints (atomic), ``data.json`` and weight samples go;
-            None keeps everything in memory (no resume).
+    Attributes:
+        run_dir: where checkpoints (atomic), ``model.json``/``data.json`` and weight
+            samples go; None keeps everything in memory (no resume).
         resume: continue from the latest checkpoint in ``run_dir``.
         checkpoint_every_steps: also checkpoint every K steps (default
             ``train.checkpoint_every_steps``; 0 = epochs only).
         callbacks: :class:`Callback` hooks. show_progress: a progress line with ETA.
-        tracker: an object with ``log(epoch, record)`` and ``close()`` (a
-            ``[logging]`` backend); default none.
-        run_record: what the checkpoint manifests store under ``config`` (the
-            CLI's resolved config, which also writes its own ``config.toml``);
-            default: the Python API's ``model.json`` + ``data.json`` are written
-            so that :func:`diverse.load` rebuilds the run (the factory must be
-            importable, or given to ``load``).
+        tracker: an object with ``log(epoch, record)`` and ``close()`` (a ``[logging]``
+            backend); default none.
+        run_record: what the checkpoint manifests store under ``config`` (the CLI's
+            resolved config, which writes its own ``config.toml``); default: the Python
+            API's ``model.json`` + ``data.json`` are written so that :func:`diverse.load`
+            rebuilds the run (the factory must be importable, or given to ``load``).
         normalization: per-channel ``(mean, std)`` that :func:`diverse.load`'s
-            ``predict`` applies to raw inputs (default none: ``predict`` takes
-            inputs in the units the loader yields).
-        comm: the member sharding over processes (default: the initialized
-            process group, else one process).
+            ``predict`` applies to raw inputs (default none).
+        val_name: the prefix of the held-out figures (``{val_name}_accuracy`` ...).
+    """
+
+    run_dir: str | Path | None = None
+    resume: bool = False
+    checkpoint_every_steps: int | None = None
+    callbacks: Sequence[Callback] = ()
+    show_progress: bool = True
+    tracker: Any = None
+    run_record: dict[str, Any] | None = None
+    normalization: tuple[Sequence[float], Sequence[float]] | None = None
+    val_name: str = "val"
+
+
+def fit(ensemble: Ensemble, method: Method, train_batches: Batches, *, n_train: int,
+        likelihood: Likelihood | LikelihoodConfig | str = "categorical",
+        train: TrainConfig | None = None, optimizer: torch.optim.Optimizer | None = None,
+        val: Batches | tuple[Tensor, Tensor] | None = None, run: RunOptions | None = None,
+        comm: Comm | None = None, **options: Any) -> FitResult:
+    """Train ``ensemble`` with ``method`` on ``train_batches``; return the history.
+
+    Every step is :func:`~diverse.methods.train_step.train_step`; around it, this loop
+    reseeds each epoch, schedules the learning rate, checkpoints
+    (:class:`~diverse.app.checkpointing.Checkpointer`), keeps the epoch's figures
+    (:class:`~diverse.app.meter.EpochMeter`) and stops at a non-finite step.
+
+    Args:
+        ensemble: the members (``method.ensemble(factory, M)``), on their device.
+        method: a :class:`~diverse.methods.catalog.Method` (``build_method``).
+        train_batches: ``(x, y)`` batches with a length (a ``DataLoader``,
+            :class:`TensorBatches`); only the current batch is moved to the device.
+        n_train: the training-set size N (the likelihood's weight in the posterior).
+        likelihood: ``"categorical"``, ``"gaussian"``, a config or a built likelihood.
+        train: epochs or steps, optimizer, learning rate and schedule, prior σ, seed,
+            checkpoint cadence, device (the ensemble is moved there; ``"auto"``: CUDA
+            when available), precision and compilation
+            (:class:`~diverse.app.config.TrainConfig`; ``batch_size`` is the loader's).
+        optimizer: an optimizer over ``ensemble.trainable.values()`` instead of the one
+            ``train`` describes; the schedule scales each group's initial lr.
+        val: a validation loader or ``(x, y)`` tensors, evaluated every
+            ``train.eval_every`` epochs and at the end.
+        run: :class:`RunOptions`; its fields may also be given as keywords
+            (``run_dir=...``, ``resume=True``, ``callbacks=[...]``, ...).
+        comm: the member sharding over processes (default: the initialized process
+            group, else one process).
 
     Returns:
         :class:`FitResult`: the per-epoch records (``train_loss``, ``train_nll``,
-        ``train_accuracy``/``train_neg_mse``, ``lr``, ``diag_*`` method
-        diagnostics, held-out figures, ``warning``) and the weight samples of a
-        Bayesian baseline.
+        ``train_accuracy``/``train_neg_mse``, ``lr``, ``diag_*`` method diagnostics,
+        held-out figures, ``warning``), the weight samples of a Bayesian baseline and
+        the method's final state.
     """
     t = train if train is not None else TrainConfig()
+    o = dataclasses.replace(run or RunOptions(), **options)
     comm = distributed.current() if comm is None else comm
     lead = comm.rank == 0  # writes checkpoints, logs and progress
     like = as_likelihood(likelihood)
+    every = _check_fit(ensemble, method, t, o, n_train, comm)
+    _place(ensemble, method, t, lead)
+    device, run_path = ensemble.device, None if o.run_dir is None else Path(o.run_dir)
+    state = method.init_state(ensemble)
+    target = LogPosterior(like, n_train, t.prior_std)
+    if optimizer is None:
+        optimizer = build_optimizer(
+            list(ensemble.trainable.values()), t.optimizer, t.lr, momentum=t.momentum,
+            nesterov=t.nesterov, betas=(t.betas[0], t.betas[1]), weight_decay=t.weight_decay)
+    base_lrs = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
+    record_cfg = o.run_record if o.run_record is not None else {
+        "method": dataclasses.asdict(method.config), "members": ensemble.members,
+        "train": dataclasses.asdict(t)}
+    ckpt = Checkpointer(run_path, ensemble, optimizer, state, record_cfg, comm,
+                        t.keep_checkpoints, [cb.on_checkpoint for cb in o.callbacks])
+    at = ckpt.resume() if o.resume else Resumed()
+    spe = steps_per_epoch(train_batches)
+    total = t.steps if t.steps > 0 else t.epochs * spe
+    total_epochs = math.ceil(total / spe)
+    bar = Progress(total, f"train {method.name} M={ensemble.members * comm.size}",
+                   enabled=o.show_progress and lead, start=at.step)
+    tracker = o.tracker if o.tracker is not None and lead else NullTracker()
+    fit_name = "acc" if like.task == "classification" else "neg_mse"
+    on_host = device.type == "cpu" if HOST_READS_EVERY_STEP is None else HOST_READS_EVERY_STEP
+    kept = lambda: (f"the last good checkpoint is in {latest.parent}"  # noqa: E731
+                    if (latest := ckpt.latest()) else "no checkpoint was written yet")
+    divergence = Divergence(device, comm, at.step, kept, deferred=not on_host)
+    step, history, lr, warned = at.step, at.history, t.lr, False
+    for epoch in range(at.epoch, total_epochs + 1):
+        seed = epoch_seed(t.seed, epoch)
+        torch.manual_seed(seed)
+        reseed_batches(train_batches, seed)
+        ensemble.train()
+        t0 = time.perf_counter()
+        meter = EpochMeter(like, device, on_host, at.sums if at.skip else None)
+        batches = iter(train_batches)
+        for _ in range(at.skip):  # resumed mid-epoch: draw the consumed batches again
+            next(batches)
+        if at.skip and at.rng:
+            set_rng(at.rng, device)
+        i, at.skip = at.skip, 0
+        for xb, yb in batches:
+            if step >= total:
+                break
+            factor = schedule_factor(t.schedule, step / total, final=t.final_lr_factor)
+            for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                group["lr"] = base * factor
+            lr = base_lrs[0] * factor
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            result = train_step(ensemble, method, optimizer, (xb, yb), target,
+                                progress=step / total, index=step, state=state, comm=comm,
+                                check=lambda r, s=step: divergence.record(r, s, spe))
+            if step == 0 and lead and run_path is not None and o.run_record is None:
+                write_model_spec(run_path, method, ensemble, like, tuple(xb.shape[1:]),
+                                 int(result.outputs.shape[-1]), o.normalization)
+            step, i = step + 1, i + 1
+            meter.add(result, yb)
+            if bar.due():
+                divergence.check(spe)
+                loss_now, fit_now, diag = meter.running_means(PROGRESS_LOGS)
+                bar.update(step, epoch=f"{epoch}/{total_epochs}", loss=loss_now,
+                           **{fit_name: fit_now}, **diag)  # the epoch's running means
+            else:
+                bar.update(step)
+            for cb in o.callbacks:
+                cb.on_step(step, result)
+            if every and step % every == 0 and i < spe and step < total:
+                divergence.check(spe)
+                ckpt.save(epoch - 1, step, history, i, meter.read())
+        divergence.check(spe)
+        # sharded: the live figures above are rank 0's members; the epoch's are all members'
+        record: dict[str, Any] = {"epoch": epoch, "step": step, "lr": lr,
+                                  "seconds": time.perf_counter() - t0,
+                                  **meter.record(comm, like.task == "classification")}
+        last = epoch == total_epochs
+        if val is not None and ((t.eval_every > 0 and epoch % t.eval_every == 0) or last):
+            vx, vy = val if isinstance(val, tuple) else (val, None)
+            record.update(held_out_figures(ensemble, method, like, vx, vy, o.val_name, comm))
+        warned = _end_epoch(record, history, tracker, o, bar, lead, warned, spe, total_epochs)
+        if not epoch % t.checkpoint_every or last:
+            ckpt.save(epoch, step, history)
+    bar.close()
+    tracker.close()
+    result = FitResult(history, state=state)
+    result.samples = method.finalize(ensemble, t.seed, t.prior_std, state)  # Bayesian baselines
+    if result.samples is not None and lead and run_path is not None:
+        save_samples(run_path, result.samples, method.name, record_cfg)
+    for cb in o.callbacks:
+        cb.on_end(history)
+    return result
+
+
+def _check_fit(ensemble: Ensemble, method: Method, t: TrainConfig, o: RunOptions,
+               n_train: int, comm: Comm) -> int:
+    """UserError for settings that cannot train; returns the step-checkpoint cadence."""
     method.check_ensemble(ensemble)
     check_training(method.name, t.prior_std, t.weight_decay)
     if n_train < 1:
         raise UserError(f"n_train = {n_train}: must be the training-set size (>= 1)")
-    every_steps = t.checkpoint_every_steps if checkpoint_every_steps is None \
-        else checkpoint_every_steps
-    if every_steps < 0:
-        raise UserError(f"checkpoint_every_steps = {every_steps}: must be >= 0")
-    if resume and run_dir is None:
+    every = t.checkpoint_every_steps if o.checkpoint_every_steps is None \
+        else o.checkpoint_every_steps
+    if every < 0:
+        raise UserError(f"checkpoint_every_steps = {every}: must be >= 0")
+    if o.resume and o.run_dir is None:
         raise UserError("resume = True needs the run_dir of the run to resume")
-    run_path = Path(run_dir) if run_dir is not None else None
-    record_cfg = run_record if run_record is not None else {
-        "method": dataclasses.asdict(method.config), "members": ensemble.members,
-        "train": dataclasses.asdict(t)}
+    if comm.size > 1 and ensemble.form.name != "full":
+        raise UserError(f"members_as = {ensemble.form.name!r} trains in one process; "
+                        "sharding members over processes needs members_as = 'full'")
+    return every
 
+
+def _place(ensemble: Ensemble, method: Method, t: TrainConfig, lead: bool) -> None:
+    """Move the ensemble to ``[train] device`` and apply precision / compilation once."""
     target = resolve_device(t.device)
     if ensemble.device.type != target.type or (
             target.index is not None and ensemble.device != target):
@@ -487,219 +485,30 @@ def fit(
         precision.configure(ensemble, t.precision, t.compile,
                             double_backward=method.spec.double_backward, name=method.name,
                             notify=None if lead else lambda _text: None)
-    spe = steps_per_epoch(train_batches)
-    total = t.steps if t.steps > 0 else t.epochs * spe
-    total_epochs = math.ceil(total / spe)
-    device = ensemble.device
-    if comm.size > 1 and ensemble.form.name != "full":
-        raise UserError(f"members_as = {ensemble.form.name!r} trains in one process; "
-                        "sharding members over processes needs members_as = 'full'")
-    target = LogPosterior(like, n_train, t.prior_std)
-    state = method.init_state(ensemble)
-    frozen = ensemble.frozen_fingerprint()
-    params = list(ensemble.trainable)
-    if optimizer is None:
-        optimizer = build_optimizer(
-            list(ensemble.trainable.values()), t.optimizer, t.lr, momentum=t.momentum,
-            nesterov=t.nesterov, betas=(t.betas[0], t.betas[1]), weight_decay=t.weight_decay)
-        base_lrs = [t.lr] * len(optimizer.param_groups)
-    else:
-        base_lrs = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
 
-    step, start_epoch, history, skip = 0, 1, [], 0
-    sums = _Sums()
-    rng_state: dict[str, Tensor] | None = None
-    if resume:
-        assert run_path is not None
-        model_t, optim_t, manifest = load_checkpoint(run_path)  # all members: take this rank's
-        check_frozen(manifest, frozen)
-        rng_state = {k: optim_t.pop(k) for k in (RNG_KEY, CUDA_RNG_KEY) if k in optim_t}
-        members = manifest.get("members", ensemble.members * comm.size)
-        model_t = distributed.shard_tensors(comm, model_t, members)
-        optim_t = distributed.shard_tensors(comm, optim_t, members)
-        ensemble.load_state_tensors({k: v.to(device) for k, v in model_t.items()})
-        state = split_state(model_t, device) or state
-        load_optimizer_tensors(optimizer, params, optim_t)
-        ensemble.execution = manifest["execution"]
-        step, history = manifest["step"], manifest["history"]
-        start_epoch = manifest["epoch"] + 1
-        skip = manifest.get("epoch_step", 0)
-        if skip:
-            partial = manifest["partial"]
-            sums = _Sums(partial["loss"], partial["fit"], partial["count"], partial["steps"],
-                         partial["nll"], dict(partial["diag"]),
-                         dict(partial.get("diag_steps")
-                              or {k: partial["steps"] for k in partial["diag"]}))
 
-    bar = Progress(total, f"train {method.name} M={ensemble.members * comm.size}",
-                   enabled=show_progress and lead, start=step)
-    tracker = tracker if tracker is not None and lead else NullTracker()
-    classification = like.task == "classification"
-    fit_name = "acc" if classification else "neg_mse"
-    warned = False  # a quiet run warns once on stderr; a verbose one every epoch
-    lr = t.lr
-    on_host = device.type == "cpu" if HOST_READS_EVERY_STEP is None else HOST_READS_EVERY_STEP
-
-    def kept() -> str:
-        latest = None if run_path is None else run_path / "checkpoints" / "latest.json"
-        return (f"the last good checkpoint is in {latest.parent}"
-                if latest is not None and latest.is_file() else "no checkpoint was written yet")
-
-    divergence = _Divergence(device, comm, step, kept, deferred=not on_host)
-
-    def checkpoint(epoch_done: int, epoch_step: int, partial: _Sums | None) -> None:
-        model_t = distributed.gather_tensors(comm, {**ensemble.state_tensors(),
-                                                    **{STATE + k: v for k, v in state.items()}})
-        optim_t = distributed.gather_tensors(comm, optimizer_tensors(optimizer, params))
-        if partial is not None:
-            optim_t = {**optim_t, **_rng_tensors(device)}
-        if lead and run_path is not None:
-            manifest = {"config": record_cfg, "step": step, "frozen_sha256": frozen,
-                        "members": ensemble.members * comm.size,
-                        "execution": ensemble.execution, "history": history,
-                        "epoch_step": epoch_step}
-            if partial is not None:
-                manifest["partial"] = {"loss": partial.loss, "fit": partial.fit,
-                                       "count": partial.count, "steps": partial.steps,
-                                       "nll": partial.nll, "diag": partial.diag,
-                                       "diag_steps": partial.diag_steps}
-            stem = (f"epoch-{epoch_done:04d}" if partial is None
-                    else f"epoch-{epoch_done:04d}-step-{step:08d}")
-            path = save_checkpoint(run_path, epoch_done, model_t, optim_t, manifest,
-                                   keep=t.keep_checkpoints, stem=stem)
-            for cb in callbacks:
-                cb.on_checkpoint(path)
-        comm.barrier()  # the checkpoint is complete before any rank goes on
-
-    for epoch in range(start_epoch, total_epochs + 1):
-        seed = epoch_seed(t.seed, epoch)
-        torch.manual_seed(seed)
-        reseed_batches(train_batches, seed)
-        ensemble.train()
-        t0 = time.perf_counter()
-        if not skip:
-            sums = _Sums()
-        nll_sum = torch.tensor(sums.nll, device=device)
-        diag_device: dict[str, Tensor] = {}  # an accelerator's diagnostics since the last read
-        running = torch.tensor([sums.loss, sums.fit], dtype=torch.float64, device=device)
-        batches = iter(train_batches)
-        for _ in range(skip):  # resumed mid-epoch: draw the consumed batches again
-            next(batches)
-        if skip and rng_state:
-            _set_rng(rng_state, device)
-        i = skip
-        skip = 0
-        for xb, yb in batches:
-            if step >= total:
-                break
-            factor = schedule_factor(t.schedule, step / total, final=t.final_lr_factor)
-            for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-                group["lr"] = base * factor
-            lr = base_lrs[0] * factor
-            xb = xb.to(device, non_blocking=True)
-            yb = yb.to(device, non_blocking=True)
-            result = train_step(ensemble, method, optimizer, (xb, yb), target,
-                                progress=step / total, index=step, state=state, comm=comm,
-                                check=lambda r, s=step: divergence.record(r, s, spe))
-            if step == 0 and lead and run_path is not None and run_record is None:
-                write_model_spec(run_path, method, ensemble, like, tuple(xb.shape[1:]),
-                                 int(result.outputs.shape[-1]), normalization)
-            step += 1
-            i += 1
-            n_b = len(yb)
-            # the objective and the fit, in float64: on an accelerator summed on the device
-            # and read when the progress line prints, a checkpoint or the epoch ends (a
-            # host read would serialize the step); on the CPU a read is free and the
-            # tensor ops are not, so they are summed on the host (the same numbers)
-            if on_host:
-                sums.loss += float(result.loss.mean()) * n_b
-                sums.fit += float(like.correct(result.outputs, yb).mean()) * n_b
-            else:
-                running += torch.stack([result.loss.detach().mean().double(),
-                                        like.correct(result.outputs, yb).mean().double()]) * n_b
-            # the data term only
-            nll_sum = nll_sum + like.nll(result.outputs, yb).sum() / len(result.outputs)
-            sums.count += n_b
-            sums.steps += 1
-            for key, value in result.logs.items():  # floats or 0-dim tensors
-                # a method may report a diagnostic on some steps only (FoRDE's term norms)
-                sums.diag_steps[key] = sums.diag_steps.get(key, 0) + 1
-                if on_host or not isinstance(value, Tensor):
-                    sums.diag[key] = sums.diag.get(key, 0.0) + float(value)
-                else:
-                    diag_device[key] = diag_device.get(key, 0.0) + value.detach()
-            if bar.due():
-                divergence.check(spe)
-                if not on_host:
-                    _read_diagnostics(diag_device, sums)
-                totals = (sums.loss, sums.fit) if on_host else running.tolist()
-                loss_now, fit_now = (v / sums.count for v in totals)
-                bar.update(step, epoch=f"{epoch}/{total_epochs}", loss=loss_now,
-                           **{fit_name: fit_now},
-                           **{k: sums.diag[k] / sums.diag_steps[k] for k in PROGRESS_LOGS
-                              if k in sums.diag})  # the epoch's running means
-            else:
-                bar.update(step)
-            for cb in callbacks:
-                cb.on_step(step, result)
-            if every_steps and step % every_steps == 0 and i < spe and step < total:
-                divergence.check(spe)
-                sums.nll = float(nll_sum)
-                if not on_host:
-                    sums.loss, sums.fit = running.tolist()
-                    _read_diagnostics(diag_device, sums)
-                checkpoint(epoch - 1, i, sums)
-        divergence.check(spe)
-        sums.nll = float(nll_sum)
-        if not on_host:
-            sums.loss, sums.fit = running.tolist()
-            _read_diagnostics(diag_device, sums)
-        # sharded: the live figures above are rank 0's members; the epoch's are all members'
-        loss_m, fit_m, nll_m = comm.mean(torch.tensor(
-            [sums.loss, sums.fit, sums.nll], dtype=torch.float64)).tolist()
-        count = max(sums.count, 1)
-        # train_loss: the method's own objective per example (what it includes — prior,
-        # KL, diversity terms — is the method's); train_nll: the mean member NLL of the
-        # batches, the same quantity for every method
-        record: dict[str, Any] = {
-            "epoch": epoch, "step": step, "lr": lr, "seconds": time.perf_counter() - t0,
-            "train_loss": loss_m / count, "train_nll": nll_m / count,
-            ("train_accuracy" if classification else "train_neg_mse"): fit_m / count,
-        }
-        record.update({f"diag_{k}": v / max(sums.diag_steps.get(k, sums.steps), 1)
-                       for k, v in sums.diag.items()})
-        last = epoch == total_epochs
-        if val is not None and ((t.eval_every > 0 and epoch % t.eval_every == 0) or last):
-            vx, vy = val if isinstance(val, tuple) else (val, None)
-            record.update(held_out_figures(ensemble, method, like, vx, vy, val_name, comm))
-        warning = repulsion_warning(record)
-        if warning is not None:
-            record["warning"] = warning
-        history.append(record)
-        tracker.log(epoch, record)
-        for cb in callbacks:
-            cb.on_epoch(record)
-        if spe >= 10 or last or epoch % max(1, total_epochs // 20) == 0:
-            bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                               for k, v in record.items() if k != "warning"))
-        if warning is not None and lead and show_progress:
-            bar.write(f"warning: epoch {epoch}: {warning}")
-        elif warning is not None and lead and not warned:
-            print(f"diverse: warning: epoch {epoch}: {warning}", file=sys.stderr)
-            warned = True
-        if epoch % t.checkpoint_every and not last:
-            continue
-        checkpoint(epoch, 0, None)
-    bar.close()
-    tracker.close()
-    result = FitResult(history, state=state)
-    result.samples = method.finalize(ensemble, t.seed, t.prior_std, state)  # Bayesian baselines
-    if result.samples is not None:
-        if lead and run_path is not None:
-            save_samples(run_path, result.samples, method.name, record_cfg)
-    for cb in callbacks:
-        cb.on_end(history)
-    return result
+def _end_epoch(record: dict[str, Any], history: list[dict[str, Any]], tracker: Any,
+               o: RunOptions, bar: Progress, lead: bool, warned: bool, spe: int,
+               total_epochs: int) -> bool:
+    """Append an epoch's record, log it, print it and its repulsion warning (a quiet run
+    warns once on stderr; a verbose one every epoch). Returns whether it has warned."""
+    warning = repulsion_warning(record)
+    if warning is not None:
+        record["warning"] = warning
+    history.append(record)
+    tracker.log(record["epoch"], record)
+    for cb in o.callbacks:
+        cb.on_epoch(record)
+    epoch = record["epoch"]
+    if spe >= 10 or epoch == total_epochs or epoch % max(1, total_epochs // 20) == 0:
+        bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in record.items() if k != "warning"))
+    if warning is not None and lead and o.show_progress:
+        bar.write(f"warning: epoch {epoch}: {warning}")
+    elif warning is not None and lead and not warned:
+        print(f"diverse: warning: epoch {epoch}: {warning}", file=sys.stderr)
+        return True
+    return warned
 
 
 def as_callback(on_step: Callable[[int], None]) -> Callback:

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from diverse.app.loop import MODEL_FILE, check_frozen
+from diverse.app.checkpointing import check_frozen
+from diverse.app.loop import MODEL_FILE
 from diverse.checkpoint import load_checkpoint
 from diverse.data.datasets import data_spec, load_dataset, normalize, read_data_spec
 from diverse.errors import UserError

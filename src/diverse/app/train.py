@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from diverse.app.checkpointing import split_state
 from diverse.app.config import Config, config_to_dict
 from diverse.app.loop import (
     REPULSION_WARNING_RATIO,
@@ -40,7 +41,6 @@ from diverse.app.loop import (
     fit,
     repulsion_warning,
     resolve_device,
-    split_state,
 )
 from diverse.app.tracking import check_backend, open_tracker
 from diverse.checkpoint import load_checkpoint
