@@ -365,3 +365,37 @@ def test_the_delta_kernel_needs_lora_members():
     ens = method.ensemble(backbone, 2)
     with pytest.raises(UserError, match="lora_space = 'delta' needs a LoRA ensemble"):
         method.update(Step(ens, x[:8], y[:8], Categorical(), N, 1.0, 0.5))
+
+
+# --------------------------------------------------- a transformers model, built locally
+def tiny_bert() -> nn.Module:
+    """A randomly initialized BERT classifier (no download): input ids → ModelOutput."""
+    import transformers
+
+    torch.manual_seed(0)  # the "pretrained" weights: the same on every call
+    config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=32, num_labels=3,
+                                     max_position_embeddings=8,
+                                     # SDPA has no vmap batching rule on the CPU (torch 2.13)
+                                     attn_implementation="eager")
+    return transformers.BertForSequenceClassification(config)
+
+
+def test_lora_members_of_a_transformers_model_train_and_load(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 40, (N, 6), generator=g)
+    y = ids[:, 0] % CLASSES
+    batches = DataLoader(TensorDataset(ids, y), batch_size=16, shuffle=True,
+                         generator=torch.Generator())
+    method = diverse.build_method(diverse.WGDConfig(name="f-wgd"))
+    form = LoRA(rank=2, alpha=4.0, target_modules=("query", "value"),
+                modules_to_save=("classifier",))
+    ens = method.ensemble(tiny_bert, 3, seed=1, members_as=form)
+    assert all("lora_" in k or "classifier" in k for k in ens.params)
+    result = diverse.fit(ens, method, batches, n_train=N,
+                         train=diverse.TrainConfig(epochs=2, lr=0.01, seed=0),
+                         run_dir=tmp_path, show_progress=False)
+    assert result.history[-1]["train_nll"] < result.history[0]["train_nll"] + 0.5
+    here = predict_trained(method, Categorical(), ens, None, ids)["probs"]
+    loaded = diverse.load(tmp_path)
+    torch.testing.assert_close(loaded.predict(ids.numpy()).probs, here, rtol=0, atol=1e-6)

@@ -264,9 +264,11 @@ def factory_reference(factory: Any) -> dict[str, Any]:
 
 
 def write_model_spec(run_dir: Path, method: Method, ensemble: Ensemble, likelihood: Likelihood,
-                     input_shape: tuple[int, ...], outputs: int,
+                     batch: Tensor, outputs: int,
                      normalization: tuple[Sequence[float], Sequence[float]] | None) -> None:
-    """``RUN/model.json`` and ``RUN/data.json`` of a Python-API run (atomic)."""
+    """``RUN/model.json`` and ``RUN/data.json`` of a Python-API run (atomic), from the
+    first training batch's inputs (their shape and dtype: integer ids stay integers)."""
+    input_shape = tuple(batch.shape[1:])
     from diverse.checkpoint import atomic_write_json
     from diverse.data.datasets import DataSpec, write_data_spec
 
@@ -278,7 +280,7 @@ def write_model_spec(run_dir: Path, method: Method, ensemble: Ensemble, likeliho
     atomic_write_json(run_dir / MODEL_FILE, {
         "format": "diverse-fit", "method": dataclasses.asdict(method.config),
         "members": members, "seed": ensemble.seed, "execution": ensemble.execution,
-        "members_as": ensemble.form.describe(),
+        "members_as": ensemble.form.describe(), "input_dtype": str(batch.dtype)[6:],
         "likelihood": dataclasses.asdict(likelihood_config(likelihood)),
         **factory_reference(ensemble.base_factory)})
     write_data_spec(run_dir, DataSpec("custom", likelihood.task, tuple(input_shape), outputs,
@@ -417,7 +419,7 @@ def fit(ensemble: Ensemble, method: Method, train_batches: Batches, *, n_train: 
                                 progress=step / total, index=step, state=state, comm=comm,
                                 check=lambda r, s=step: divergence.record(r, s, spe))
             if step == 0 and lead and run_path is not None and o.run_record is None:
-                write_model_spec(run_path, method, ensemble, like, tuple(xb.shape[1:]),
+                write_model_spec(run_path, method, ensemble, like, xb,
                                  int(result.outputs.shape[-1]), o.normalization)
             step, i = step + 1, i + 1
             meter.add(result, yb)

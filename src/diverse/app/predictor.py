@@ -125,6 +125,8 @@ class Predictor:
         if not (self.run_dir / "checkpoints" / "latest.json").is_file():
             raise UserError(f"{str(self.run_dir)!r} has no checkpoint yet: train it first")
         self.device = torch.device(device)
+        #: the run trained on integer inputs (token ids): ``prepare`` keeps them int64
+        self.integer_inputs = False
         if api:  # trained through diverse.fit: the user's factory rebuilds the members
             spec = read_data_spec(self.run_dir)
             assert spec is not None  # written with model.json
@@ -148,6 +150,7 @@ class Predictor:
                 build, int(saved["members"]), seed=int(saved["seed"]), device=self.device,
                 members_as=form_from_record(saved.get("members_as")))
             self.members = int(saved["members"])
+            self.integer_inputs = saved.get("input_dtype", "float32").startswith("int")
         else:
             if factory is not None:
                 raise UserError("factory= is for runs trained through diverse.fit; a CLI run "
@@ -181,6 +184,11 @@ class Predictor:
         if not (t.dtype.is_floating_point or t.dtype in (torch.uint8, torch.int16, torch.int32,
                                                           torch.int64)):
             raise UserError(f"inputs must be numeric, got dtype {t.dtype}")
+        if self.integer_inputs:  # token ids (a model that embeds them): as trained, int64
+            if t.dtype.is_floating_point:
+                raise UserError(f"inputs must be integer ids (the run trained on int64 inputs), "
+                                f"got dtype {t.dtype}")
+            return t.to(torch.int64)
         t = t.to(torch.float32)
         shape = tuple(self.data.input_shape)
         if t.dim() == 1 and shape == (1,):

@@ -232,7 +232,8 @@ class Ensemble(nn.Module):
     # ------------------------------------------------------------------ forward
     def _member_forward(self, params: Params, buffers: Params, shared: Params,
                         x: Tensor) -> Tensor:
-        return functional_call(self.module, (params, buffers, shared), (x,), strict=True)
+        out = functional_call(self.module, (params, buffers, shared), (x,), strict=True)
+        return out if isinstance(out, Tensor) else model_output(out)
 
     def apply(
         self,
@@ -450,6 +451,16 @@ class Ensemble(nn.Module):
 
 #: the key prefix of a shared tensor in checkpoints and optimizer state
 SHARED = "shared/"
+
+
+def model_output(out: Any) -> Tensor:
+    """The tensor of a model's output: itself, or the ``logits`` of an output object (a
+    ``transformers`` model's ``ModelOutput``); anything else is refused with one line."""
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    raise UserError(f"the model returned {type(out).__name__}: a member must return a tensor "
+                    "(B, outputs) or an object with .logits (a transformers ModelOutput)")
 
 
 def _owner(root: nn.Module, name: str) -> tuple[nn.Module, str]:

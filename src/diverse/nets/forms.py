@@ -33,6 +33,7 @@ form refuses with one line (a frozen head parameter).
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
@@ -238,7 +239,11 @@ class LoRA(MemberForm):
             target_modules=list(self.target_modules),
             modules_to_save=list(self.modules_to_save) or None)
         try:
-            return peft.get_peft_model(module, config)
+            with warnings.catch_warnings():
+                # peft reads transformers' deprecated is_gradient_checkpointing (transformers 5)
+                warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated",
+                                        FutureWarning)
+                return peft.get_peft_model(module, config)
         except ValueError as err:  # peft: target modules not found, unsupported layer
             raise UserError(f"[ensemble] lora: {str(err).splitlines()[0]}") from None
 
