@@ -13,7 +13,8 @@ one ``diverse.train_step`` (DE) over ``--repeats`` steps, forms interleaved. Pea
 of a step is read on CUDA only (``torch.cuda.max_memory_allocated``); this CPU script
 reports the bytes above.
 
-Run: ``python benchmarks/forms.py [--model transformer|resnet20] [--members 1 5 10 20]``.
+Run: ``python benchmarks/forms.py [--model transformer|resnet20|vit-b16] [--members 1 5 10 20]
+[--device cuda]``; on CUDA the table gains the peak memory of one step.
 Figures in benchmarks/README.md (machine, load and versions in the printed header).
 """
 
@@ -64,6 +65,28 @@ class Encoder(nn.Module):
         return self.fc(self.norm(self.blocks(self.embed(x))).mean(1))
 
 
+class ViT(nn.Module):
+    """ViT-B/16 at 224 px (86M parameters), built locally and randomly initialized."""
+
+    def __init__(self, width: int = 768, depth: int = 12, heads: int = 12,
+                 classes: int = 1000) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, width, 16, stride=16)
+        self.pos = nn.Parameter(torch.zeros(1, 196, width))
+        self.blocks = nn.Sequential(*(Block(width, heads, 4 * width) for _ in range(depth)))
+        self.norm = nn.LayerNorm(width)
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        return self.fc(self.norm(self.blocks(tokens)).mean(1))
+
+
+def vit_b16() -> nn.Module:
+    torch.manual_seed(0)
+    return ViT()
+
+
 def transformer() -> nn.Module:
     torch.manual_seed(0)
     return Encoder()
@@ -79,6 +102,8 @@ def resnet20() -> nn.Module:
 MODELS = {
     "transformer": (transformer, (16, 32), ("q", "k", "v", "o", "fc1", "fc2"), "fc"),
     "resnet20": (resnet20, (3, 32, 32), ("conv1", "conv2"), "fc"),
+    # the GPU script's model (benchmarks/gpu_all.sh): too large for this CPU's step times
+    "vit-b16": (vit_b16, (3, 224, 224), ("q", "k", "v", "o", "fc1", "fc2"), "fc"),
 }
 
 
@@ -129,6 +154,7 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="transformer")
     parser.add_argument("--members", type=int, nargs="+", default=[1, 5, 10, 20])
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (peak memory on CUDA)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--methods", nargs="*", default=["svgd", "f-wgd", "forde", "he-cka"])
     args = parser.parse_args()
@@ -137,8 +163,9 @@ def main() -> None:
           f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, batch {args.batch}")
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(args.batch, *shape, generator=g)
-    y = torch.randint(0, 10, (args.batch,), generator=g)
+    device = torch.device(args.device)
+    x = torch.randn(args.batch, *shape, generator=g).to(device)
+    y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
     one_full = state_bytes(diverse.Ensemble(build, 1))
     de = diverse.build_method(diverse.DeepEnsembleConfig())
     print("| form | M | trained params | state MB | vs one full | DE step ms |")
@@ -146,17 +173,24 @@ def main() -> None:
     ensembles = {}
     for m in args.members:
         for name, (factory, form) in forms(args.model).items():
-            ens = de.ensemble(factory, m, members_as=form, execution="vmap").train()
+            ens = de.ensemble(factory, m, members_as=form, execution="vmap",
+                              device=device).train()
             ensembles[name, m] = ens
     times: dict[tuple[str, int], list[float]] = {k: [] for k in ensembles}
+    peak: dict[tuple[str, int], float] = {}
     for _ in range(3):  # interleaved rounds
         for key, ens in ensembles.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             times[key].append(step_time(ens, de, x, y, args.repeats))
+            if device.type == "cuda":
+                peak[key] = torch.cuda.max_memory_allocated(device) / 2**20
     for (name, m), ens in ensembles.items():
         trained = sum(v.numel() for v in ens.trainable.values())
         print(f"| {name} | {m} | {trained:,} | {state_bytes(ens) / 2**20:.1f} | "
-              f"{state_bytes(ens) / one_full:.2f} | {1e3 * min(times[name, m]):.1f} |")
-    single = diverse.Ensemble(frozen(build), 1, execution="vmap").train()
+              f"{state_bytes(ens) / one_full:.2f} | {1e3 * min(times[name, m]):.1f} |"
+              + (f" peak {peak[name, m]:.0f} MB |" if (name, m) in peak else ""))
+    single = diverse.Ensemble(frozen(build), 1, execution="vmap", device=device).train()
     t_single = min(step_time(single, de, x, y, args.repeats) for _ in range(3))
     head10 = min(times.get(("head", 10), [float("nan")]))
     print(f"\nhead M=10 step / single model with the same frozen backbone and one head: "
@@ -167,14 +201,15 @@ def main() -> None:
         configs = {"svgd": diverse.SVGDConfig(), "f-wgd": diverse.WGDConfig(name="f-wgd"),
                    "forde": diverse.FoRDEConfig(lengthscales="identity"),
                    "he-cka": diverse.HECKAConfig(layers=("output",))}
-        data = diverse.TrainingData(inputs=x, targets=y)
+        data = diverse.TrainingData(inputs=x.cpu(), targets=y.cpu())
         for name in ("head", "lora"):
             factory, form = forms(args.model)[name]
             base = None
             for method_name in ["de", *args.methods]:
                 method = de if method_name == "de" else diverse.build_method(
                     configs[method_name], data)
-                ens = method.ensemble(factory, m, members_as=form, execution="vmap").train()
+                ens = method.ensemble(factory, m, members_as=form, execution="vmap",
+                                      device=device).train()
                 t = min(step_time(ens, method, x, y, args.repeats) for _ in range(2))
                 base = t if base is None else base
                 print(f"| {name} | {method_name} | {1e3 * t:.1f} | {t / base:.2f} |")

@@ -32,4 +32,8 @@ part throughput-batchnorm 110 python3 benchmarks/throughput.py --model resnet20-
 # every method's step over DE, fp32 vmap, and the interaction's cost against M
 part method-step 110 python3 benchmarks/method_step.py --models resnet20 --device cuda \
   --execution vmap --scaling 10 50 --steps 3 --repeats 3
+# ensemble forms on ViT-B/16 at 224 px (issue 23): bytes, step time and peak memory per form
+# and M, and the diversity methods over DE on heads and LoRA (needs peft importable there)
+part forms-vit 150 python3 benchmarks/forms.py --model vit-b16 --device cuda --members 1 5 10 \
+  --batch 32 --repeats 3
 echo "figures in $OUT"
