@@ -23,15 +23,7 @@ from diverse.errors import UserError
 from diverse.methods.spaces import pca_lengthscales, pca_lengthscales_from_batches
 from diverse.nets.likelihoods import Categorical
 from method_table import ROWS
-
-N, CLASSES = 48, 3
-
-
-def images() -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    y = torch.arange(N) % CLASSES
-    x = torch.randn(N, 1, 8, 8, generator=g) * 0.5 + y.view(-1, 1, 1, 1).float() - 1.0
-    return x, y
+from toy_images import CLASSES, N, images
 
 
 def sequential() -> nn.Module:

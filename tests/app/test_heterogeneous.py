@@ -18,15 +18,7 @@ from diverse.errors import UserError
 from diverse.math import cka
 from diverse.methods.base import Step
 from diverse.nets.likelihoods import Categorical
-
-N, CLASSES = 48, 3
-
-
-def images() -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    y = torch.arange(N) % CLASSES
-    x = torch.randn(N, 1, 8, 8, generator=g) * 0.5 + y.view(-1, 1, 1, 1).float() - 1.0
-    return x, y
+from toy_images import CLASSES, N, images
 
 
 class MLP(nn.Module):
