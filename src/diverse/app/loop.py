@@ -216,7 +216,7 @@ def held_out_figures(ensemble: Ensemble, method: Method, likelihood: Likelihood,
 
 # ---------------------------------------------------------------- warnings
 #: An epoch whose mean driving/repulsion norm ratio exceeds this gets a warning: the
-#: members then move as a deep ensemble's would (seed 003's finding at the exact
+#: members then move as a deep ensemble's would (D'Angelo & Fortuin 2021's finding at the exact
 #: posterior scaling).
 REPULSION_WARNING_RATIO = 1e3
 

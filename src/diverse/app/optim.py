@@ -59,7 +59,7 @@ def schedule_factor(
 
     * ``constant``: 1.
     * ``cosine``: ``final + (1 − final)·½(1 + cos πt)``, from 1 to ``final``.
-    * ``constant-linear`` (FoRDE, seed 002): 1 until ``hold`` (50%), then
+    * ``constant-linear`` (FoRDE, Trinh et al. 2024): 1 until ``hold`` (50%), then
       linear to ``final`` (0.01) at ``end`` (90%), then ``final``.
     """
     if name == "constant":

@@ -1,7 +1,7 @@
 """``diverse posterior``: the symmetry-aware posterior study on a small network.
 
 Laurent, Aldea & Franchi, "A symmetry-aware exploration of Bayesian neural
-network posteriors" (ICLR 2024; seed 004, REFERENCES §5). Protocol:
+network posteriors" (ICLR 2024). Protocol:
 
 1. **Reference posterior**: ``reference`` networks (default 1000) trained
    independently from their own initializations — one vectorized deep

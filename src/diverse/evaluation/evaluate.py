@@ -72,7 +72,8 @@ def member_figures(probs: Tensor, labels: Tensor) -> dict[str, list[float]]:
 
 def ensemble_size_curve(probs: Tensor, labels: Tensor,
                         ood: dict[str, Tensor] | None = None) -> dict[str, list[float]]:
-    """Metrics of the first k members, k = 1..M (seed 003: no gain beyond ~5 members).
+    """Metrics of the first k members, k = 1..M (D'Angelo & Fortuin 2021: no gain beyond
+    ~5 members).
 
     ``probs`` ``(M, N, C)``; ``ood`` maps set names to ``(M, K, C)``. Returns
     ``{"members": [1..M], "accuracy": [...], "nll": [...], "ece": [...],

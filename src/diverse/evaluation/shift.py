@@ -3,7 +3,7 @@
 * Corruptions (:mod:`diverse.data.corruptions`, CIFAR-10-C style): accuracy, NLL
   and ECE of the ensemble for every corruption type and severity 1–5, and
   their mean over types per severity.
-* Rotations (seed 003's RotatedMNIST protocol): accuracy, NLL, ECE and the
+* Rotations (D'Angelo & Fortuin 2021's RotatedMNIST protocol): accuracy, NLL, ECE and the
   mean predictive entropy of test images rotated by 0–180°.
 
 Corruptions act on the images in their own [0, 1] range: the normalized test

@@ -2,7 +2,8 @@
 
 The repulsive-ensemble reference code multiplies the driving (log-posterior)
 term, never the repulsion, by a schedule a_t; the paper does not mention it
-but its published runs depend on it (REFERENCES §1). ``t`` is the training
+but its published runs depend on it (D'Angelo & Fortuin 2021,
+ratschlab/repulsive_ensembles). ``t`` is the training
 progress in ``[0, 1]``.
 """
 

@@ -1,4 +1,4 @@
-"""HE-CKA: hyperspherical energy of the members' CKA points (seed 000, REFERENCES §3).
+"""HE-CKA: hyperspherical energy of the members' CKA points (Smerkous, Bai & Fuxin, NeurIPS 2024).
 
 Smerkous, Bai & Fuxin, "Enhancing diversity in Bayesian deep learning via
 hyperspherical energy minimization of CKA" (NeurIPS 2024; code

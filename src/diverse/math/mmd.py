@@ -1,7 +1,7 @@
 """Maximum mean discrepancy between two samples: pure functions on tensors.
 
 The posterior-quality protocol of Laurent, Aldea & Franchi, "A symmetry-aware
-exploration of Bayesian neural network posteriors" (ICLR 2024, seed 004): a method's
+exploration of Bayesian neural network posteriors" (ICLR 2024): a method's
 weight samples ``x`` ``(n, D)`` are compared with reference posterior samples ``y``
 ``(m, D)`` (e.g. after :func:`diverse.nets.symmetry.remove_symmetries`) by the unbiased
 MMD² estimate (Gretton et al., "A kernel two-sample test", JMLR 2012, Lemma 6)

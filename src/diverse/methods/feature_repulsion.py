@@ -1,5 +1,5 @@
 """Feature-space diversity: HE-CKA ensembles, SVGD with the HE-CKA kernel, and
-hypernetworks (seed 000, REFERENCES §3).
+hypernetworks (Smerkous, Bai & Fuxin, NeurIPS 2024).
 
 Smerkous, Bai & Fuxin, "Enhancing diversity in Bayesian deep learning via
 hyperspherical energy minimization of CKA" (NeurIPS 2024). Members are compared

@@ -1,4 +1,4 @@
-"""FoRDE: repulsion in the space of input gradients (seed 002, REFERENCES §2).
+"""FoRDE: repulsion in the space of input gradients (Trinh et al., ICLR 2024).
 
 Trinh, Heinonen, Acerbi & Kaski, "Input-gradient space particle inference for
 neural network ensembles" (ICLR 2024). Each member's true-label input gradient

@@ -24,7 +24,7 @@ warm-up ε is the dual-averaged ε̄ and ``predict_samples`` = K states per chai
 are kept, spread evenly over the sampling stage (as SGHMC's, :func:`diverse.
 sghmc.sample_due`).
 
-Departure from the reference NUTS runs (NumPyro, seed 003's HMC): a fixed
+Departure from the reference NUTS runs (NumPyro, D'Angelo & Fortuin 2021's HMC): a fixed
 trajectory length L instead of the No-U-Turn criterion — NUTS's doubling is
 hard to vectorize over chains; with adapted ε and mass, fixed-L HMC targets the
 same posterior exactly, at a mixing speed that depends on L (diagnosed by

@@ -1,8 +1,8 @@
 """Mutual learning of Bayesian neural networks with model and feature diversity.
 
 Pham, Nguyen, Le, Phung, Carneiro & Do, "Model and Feature Diversity for
-Bayesian Neural Networks in Mutual Learning" (NeurIPS 2023; seed 001,
-REFERENCES §4). K ≥ 2 peers (the ensemble's M members) are mean-field
+Bayesian Neural Networks in Mutual Learning" (NeurIPS 2023). K ≥ 2 peers (the
+ensemble's M members) are mean-field
 Gaussian BNNs (:mod:`diverse.nets.bayes`). Peer k minimizes, per example,
 
     L_k = NLL_k + λ_KL·KL(q_k ‖ p)/N

@@ -1,7 +1,7 @@
 """Repulsive particle methods: SVGD and WGD in weight and function space.
 
 D'Angelo & Fortuin, "Repulsive deep ensembles are Bayesian" (NeurIPS 2021;
-seed 003, REFERENCES §1). Members are particles w_i; each step moves them along
+ratschlab/repulsive_ensembles). Members are particles w_i; each step moves them along
 
 * WGD:  φ_i = a_t ∇ log p(w_i | D) − g_i, with g_i ≈ ∇ log ρ(w_i) estimated
   from the particles (KDE, SGE or SSGE, :mod:`diverse.math.scores`);

@@ -10,7 +10,7 @@ by a vector-Jacobian product (:func:`diverse.nets.ensemble.pull_back`):
   (:func:`diverse.methods.particles.leaf_update`), never on this copy;
 * function outputs on a batch: ``(M, B·C)`` softmax probabilities (the
   repulsive-ensembles reference) or logits;
-* input gradients of the true-label logit (FoRDE, seed 002):
+* input gradients of the true-label logit (FoRDE, Trinh et al. 2024):
   ``s_m(x_b) = ∇_x f_m(x_b)_{y_b}``, ``(M, B, D_in)``, normalized to unit
   length and rescaled by PCA lengthscales.
 """

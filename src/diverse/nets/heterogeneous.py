@@ -10,7 +10,7 @@ HE-CKA): the member parameters are the groups' parameters under ``"group<i>/<nam
 concatenates the member axes in group order.
 
 Weight-space methods refuse it: members of different architectures have no common
-weight space, so a kernel between their weights is undefined (seed 003 makes the same
+weight space, so a kernel between their weights is undefined (D'Angelo & Fortuin 2021 make the same
 point for function-space repulsion, which needs none).
 
 Features of a layer whose shape differs between groups are flattened to ``(M, B, D_i)``

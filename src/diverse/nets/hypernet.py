@@ -6,8 +6,8 @@ mapped by one shared network to K sets of parameters of a *target* network,
 stacked like :class:`diverse.nets.ensemble.Ensemble` parameters
 ``{name: (K, *shape)}``, and the K target networks run vectorized
 (``functional_call`` under ``vmap``; the member axis is never folded into the
-batch). HE-CKA (Smerkous et al. 2024, arXiv:2411.00259, seed 000,
-REFERENCES §3) samples several networks per step and repels their features.
+batch). HE-CKA (Smerkous et al. 2024, arXiv:2411.00259) samples several networks per
+step and repels their features.
 
 Architecture. The target's parameter tensors are grouped into *layers* (the
 module owning them: ``conv1.weight`` and ``conv1.bias`` form layer ``conv1``);

@@ -4,7 +4,7 @@ Pure functions on stacked states ``{name: (M, *shape)}`` (parameters and buffers
 e.g. :meth:`diverse.nets.ensemble.Ensemble.state_tensors`); the model is only a skeleton
 read for its structure. Every function returns a new dict and leaves its inputs as
 they are. Reference: Laurent, Aldea & Franchi, "A symmetry-aware exploration of
-Bayesian neural network posteriors" (ICLR 2024, seed 004; code
+Bayesian neural network posteriors" (ICLR 2024; code
 o-laurent/bayes_posterior_symmetry_exploration).
 
 Permutations (:func:`canonical_permutation`)
