@@ -15,7 +15,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "diverse"
 RANK = {"base": 0, "math": 1, "nets": 2, "data": 2, "methods": 3, "evaluation": 4, "app": 5}
-BASE = {"errors", "validate", "checkpoint", "progress", "__init__"}
+BASE = {"errors", "validate", "checkpoint", "rundir", "progress", "__init__"}
 
 
 def layer_of(module: str) -> str:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from diverse import rundir
 from diverse.errors import DivergenceError, UserError
 
 
@@ -180,9 +181,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         if args.config or args.set or args.out:
             raise UserError("--resume RUN_DIR takes its config from RUN_DIR/config.toml; "
                             "drop CONFIG, --set and --out")
-        if not (run_dir / "config.toml").is_file():
+        if not rundir.has(run_dir, rundir.CONFIG):
             raise UserError(f"--resume {str(run_dir)!r}: not a run directory (no config.toml)")
-        cfg = load_config(run_dir / "config.toml")
+        cfg = load_config(rundir.path(run_dir, rundir.CONFIG))
         run = build_run(cfg)
         if not (run_dir / "checkpoints" / "latest.json").is_file():
             train(run, run_dir, show_progress=not args.quiet)  # died before epoch 1 ended
@@ -202,7 +203,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        (run_dir / "config.toml").write_text(config_to_toml(cfg))
+        rundir.write_text(run_dir, rundir.CONFIG, config_to_toml(cfg))
         train(run, run_dir, show_progress=not args.quiet)
     except (UserError, DivergenceError):
         # nothing to resume from: leave no folder behind that would block a rerun
@@ -217,9 +218,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from diverse.app.train import load_trained
 
     run_dir = Path(args.run_dir)
-    if not (run_dir / "config.toml").is_file():
+    if not rundir.has(run_dir, rundir.CONFIG):
         raise UserError(f"{str(run_dir)!r} is not a run directory (no config.toml)")
-    cfg = load_config(run_dir / "config.toml")
+    cfg = load_config(rundir.path(run_dir, rundir.CONFIG))
     if args.ood is not None:
         cfg = replace(cfg, "data", ood=tuple(args.ood))
     if args.shift_examples < 1:
@@ -253,11 +254,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     run = load_trained(run_dir, cfg)
     if args.predict_members is not None:
         from diverse.app.config import config_to_toml
-        from diverse.checkpoint import atomic_write_text
 
-        saved = load_config(run_dir / "config.toml")  # the rest (e.g. ood) stays as saved
-        (run_dir / "metrics.json").unlink(missing_ok=True)  # never metrics of another K
-        atomic_write_text(run_dir / "config.toml", config_to_toml(
+        saved = load_config(rundir.path(run_dir, rundir.CONFIG))  # the rest stays as saved
+        rundir.remove(run_dir, rundir.METRICS)  # never metrics of another K
+        rundir.write_text(run_dir, rundir.CONFIG, config_to_toml(
             replace(saved, "method", predict_members=args.predict_members)))
     _finish(run, run_dir, args.quiet, args.ood, args.shift_examples if args.shift else 0,
             args.conformal, raps)

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from diverse import rundir
 from diverse.app.config import Config, config_to_dict, config_to_toml, load_config, replace
 from diverse.checkpoint import atomic_write_text
 from diverse.errors import UserError
@@ -58,7 +59,7 @@ def run_to_completion(cfg: Config, run_dir: Path, finish: Callable[[Any, Path], 
     """
     from diverse.app.train import build_run, load_trained, train
 
-    saved = run_dir / "config.toml"
+    saved = rundir.path(run_dir, rundir.CONFIG)
     # compared as resolved configs: keys added to the package since (with their
     # defaults) do not make an old run different
     if saved.is_file():
@@ -69,19 +70,19 @@ def run_to_completion(cfg: Config, run_dir: Path, finish: Callable[[Any, Path], 
                                 "config.toml differs); use another --out or remove that run")
             # metrics first: a crash below leaves a run that is evaluated again, never
             # one whose figures belong to the old OOD sets
-            finished = (run_dir / "metrics.json").is_file()
-            (run_dir / "metrics.json").unlink(missing_ok=True)
+            finished = rundir.has(run_dir, rundir.METRICS)
+            rundir.remove(run_dir, rundir.METRICS)
             atomic_write_text(saved, config_to_toml(cfg))
             if finished:
                 finish(load_trained(run_dir, cfg), run_dir)
                 return "re-evaluated"
-    if (run_dir / "metrics.json").is_file():
+    if rundir.has(run_dir, rundir.METRICS):
         return "reused"
     run = build_run(cfg)
     resume = (run_dir / "checkpoints" / "latest.json").is_file()
     if not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(config_to_toml(cfg))
+        rundir.write_text(run_dir, rundir.CONFIG, config_to_toml(cfg))
     train(run, run_dir, resume=resume, show_progress=show_progress)
     finish(run, run_dir)
     return "resumed" if resume else "trained"
@@ -251,7 +252,7 @@ def compare(configs: Sequence[str], seeds: int, out: Path, overrides: Sequence[s
                                      show_progress)
             if show_progress:
                 print(f"[{i * seeds + seed + 1}/{total}] {stem} seed {seed}: {what}", flush=True)
-            figures = json.loads((run_dir / "metrics.json").read_text())
+            figures = rundir.read_json(run_dir, rundir.METRICS)
             seconds = train_seconds(run_dir)
             rows.append({"config": stem, "seed": seed, "run_dir": str(run_dir),
                          **flat_row(figures),

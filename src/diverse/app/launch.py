@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from diverse import rundir
 from diverse.app.cli import add_run_arguments, exit_code
 from diverse.errors import UserError
 
@@ -47,9 +48,9 @@ def _run(args: argparse.Namespace) -> int:
             raise UserError("--resume RUN_DIR takes its config from RUN_DIR/config.toml; "
                             "drop CONFIG, --set and --out")
         run_dir = Path(args.resume)
-        if not (run_dir / "config.toml").is_file():
+        if not rundir.has(run_dir, rundir.CONFIG):
             raise UserError(f"--resume {str(run_dir)!r}: not a run directory (no config.toml)")
-        cfg = load_config(run_dir / "config.toml")
+        cfg = load_config(rundir.path(run_dir, rundir.CONFIG))
     elif not args.config:
         raise UserError("launch needs a CONFIG.toml (or --resume RUN_DIR)")
     else:
@@ -66,7 +67,7 @@ def _run(args: argparse.Namespace) -> int:
                        f"or continue it with --resume {run_dir}")
         else:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.toml").write_text(config_to_toml(cfg))
+            rundir.write_text(run_dir, rundir.CONFIG, config_to_toml(cfg))
     problem = comm.broadcast_object(problem)
     if problem:
         raise UserError(problem)

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from diverse import rundir
 from diverse.app.checkpointing import Checkpointer, Resumed, set_rng
 from diverse.app.config import TrainConfig
 from diverse.app.meter import Divergence, EpochMeter
@@ -234,7 +235,7 @@ def repulsion_warning(record: dict[str, Any]) -> str | None:
 
 # ---------------------------------------------------------------- saved runs
 #: What :func:`diverse.load` needs to rebuild a run trained through the Python API.
-MODEL_FILE = "model.json"
+MODEL_FILE = rundir.MODEL
 
 
 def factory_reference(factory: Any) -> dict[str, Any]:

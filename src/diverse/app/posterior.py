@@ -60,6 +60,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from diverse import rundir
 from diverse.app.config import (
     Config,
     config_from_dict,
@@ -309,7 +310,7 @@ def run_specs(pc: PosteriorConfig) -> list[RunSpec]:
 
 
 def _same_config(run_dir: Path, cfg: Config) -> bool:
-    path = run_dir / "config.toml"
+    path = rundir.path(run_dir, rundir.CONFIG)
     return not path.exists() or path.read_text() == config_to_toml(cfg)
 
 
@@ -333,7 +334,7 @@ def train_or_reuse(cfg: Config, run_dir: Path, dataset: Any, show_progress: bool
     resume = (run_dir / "checkpoints" / "latest.json").is_file()
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
-        atomic_write_text(run_dir / "config.toml", config_to_toml(cfg))
+        rundir.write_text(run_dir, rundir.CONFIG, config_to_toml(cfg))
     train(run, run_dir, resume=resume, show_progress=show_progress)
     if run.samples is None:  # deep ensemble: the members are the samples
         skeleton = base_model(cfg, run.dataset, run.likelihood)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from diverse import rundir
 from diverse.app.checkpointing import check_frozen
 from diverse.app.loop import MODEL_FILE
 from diverse.checkpoint import load_checkpoint
@@ -119,7 +120,7 @@ class Predictor:
 
         self.run_dir = Path(run_dir)
         api = (self.run_dir / MODEL_FILE).is_file()
-        if not (self.run_dir / "config.toml").is_file() and not api:
+        if not rundir.has(self.run_dir, rundir.CONFIG) and not api:
             raise UserError(f"{str(self.run_dir)!r} is not a run directory (no config.toml or "
                             f"{MODEL_FILE})")
         if not (self.run_dir / "checkpoints" / "latest.json").is_file():
@@ -155,7 +156,7 @@ class Predictor:
             if factory is not None:
                 raise UserError("factory= is for runs trained through diverse.fit; a CLI run "
                                 "builds its model from config.toml")
-            self.cfg = load_config(self.run_dir / "config.toml")
+            self.cfg = load_config(rundir.path(self.run_dir, rundir.CONFIG))
             spec = read_data_spec(self.run_dir)
             self.data = spec if spec is not None else data_spec(load_dataset(self.cfg.data))
             self.likelihood = build_likelihood(self.cfg.likelihood)

@@ -36,6 +36,7 @@ import scipy.io
 import torch
 from torch import Tensor
 
+from diverse import rundir
 from diverse.checkpoint import atomic_write_json
 from diverse.data import ood as ood_sets
 from diverse.data.toys import TOYS
@@ -667,7 +668,7 @@ def validation_split(x: Tensor, y: Tensor, fraction: float, seed: int
 
 # ---------------------------------------------------------------- what prediction needs
 
-DATA_SPEC_FILE = "data.json"
+DATA_SPEC_FILE = rundir.DATA
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,6 @@ images in data units); for 2-feature inputs ``grid_x``, ``grid_y``,
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import replace
@@ -40,7 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diverse.checkpoint import atomic_save_npz, atomic_write_json
+from diverse import rundir
 from diverse.data.datasets import Dataset, denormalize, normalize
 from diverse.data.ood import ood_group
 from diverse.evaluation.posthoc import (
@@ -435,14 +434,14 @@ def write_evaluation(run_dir: Path, figures: dict[str, Any], arrays: dict[str, n
     """``predictions.npz``, the calibration files (or their removal) and, last,
     ``metrics.json`` (whose presence marks a finished evaluation)."""
     run_dir = Path(run_dir)
-    (run_dir / "metrics.json").unlink(missing_ok=True)
-    atomic_save_npz(run_dir / "predictions.npz", arrays)
+    rundir.remove(run_dir, rundir.METRICS)
+    rundir.write_arrays(run_dir, rundir.PREDICTIONS, arrays)
     if calibration is None:
         remove_calibration(run_dir)
     else:
         save_calibration(run_dir, calibration)
-    atomic_write_json(run_dir / "metrics.json", figures)
+    rundir.write_json(run_dir, rundir.METRICS, figures)
 
 
 def read_metrics(run_dir: Path) -> dict[str, Any]:
-    return json.loads((Path(run_dir) / "metrics.json").read_text())
+    return rundir.read_json(run_dir, rundir.METRICS)

@@ -27,10 +27,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from diverse import rundir
 from diverse.checkpoint import atomic_save_npz, atomic_write_json
 from diverse.math import calibration, confidence, conformal, metrics, selective
 
-CALIBRATION_JSON = "calibration.json"
+CALIBRATION_JSON = rundir.CALIBRATION
 CALIBRATION_NPZ = "calibration.npz"
 FORMAT = "diverse-calibration"
 #: Seed of the APS/RAPS draws on the calibration (validation) examples; test and

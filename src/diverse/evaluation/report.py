@@ -31,6 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from diverse import rundir
 from diverse.checkpoint import atomic_write_text, publish  # noqa: E402
 from diverse.errors import UserError  # noqa: E402
 from diverse.evaluation.html import markdown_to_html  # noqa: E402
@@ -682,13 +683,12 @@ def _fmt(v: Any) -> str:
 def write_report(run_dir: Path) -> Path:
     """Render ``report.md`` and ``plots/*.png`` for a finished run."""
     run_dir = Path(run_dir)
-    metrics_path = run_dir / "metrics.json"
+    metrics_path = rundir.path(run_dir, rundir.METRICS)
     if not metrics_path.is_file():
         raise UserError(f"{str(metrics_path)!r} does not exist: run `diverse evaluate {run_dir}` "
                         "first")
-    figures = json.loads(metrics_path.read_text())
-    with np.load(run_dir / "predictions.npz", allow_pickle=False) as npz:
-        arrays = {k: npz[k] for k in npz.files}
+    figures = rundir.read_json(run_dir, rundir.METRICS)
+    arrays = rundir.read_arrays(run_dir, rundir.PREDICTIONS)
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
     history = _history(run_dir)
@@ -780,10 +780,10 @@ def write_report(run_dir: Path) -> Path:
                              if k.startswith(("test_", "val_")))
             lines.append(f"| {r['epoch']} | {r['seconds']:.1f} | {r['train_loss']:.4f} | {test} |")
         lines.append("")
-    config = run_dir / "config.toml"
+    config = rundir.path(run_dir, rundir.CONFIG)
     if config.is_file():
         lines += ["## Configuration", "", "```toml", config.read_text().rstrip(), "```", ""]
-    path = run_dir / "report.md"
+    path = rundir.path(run_dir, rundir.REPORT)
     markdown = "\n".join(lines)
     atomic_write_text(path, markdown)
     atomic_write_text(run_dir / "report.html",
@@ -799,7 +799,7 @@ def _pooled(run_dirs: list[Path]) -> tuple[np.ndarray, np.ndarray, dict[str, np.
     """
     probs, labels, ood = [], [], {}
     for run_dir in run_dirs:
-        with np.load(Path(run_dir) / "predictions.npz", allow_pickle=False) as npz:
+        with np.load(rundir.path(run_dir, rundir.PREDICTIONS), allow_pickle=False) as npz:
             if "probs" not in npz.files:
                 return None
             probs.append(npz["probs"].mean(0))
@@ -815,7 +815,7 @@ def _similarity_row(run_dirs: list[Path]) -> tuple[float, float]:
     """Mean over seeds of the mean pairwise function distance and CKA (NaN if absent)."""
     distance, cka = [], []
     for run_dir in run_dirs:
-        figures = json.loads((Path(run_dir) / "metrics.json").read_text())
+        figures = rundir.read_json(run_dir, rundir.METRICS)
         if "function_distance" in figures:
             distance.append(_off_diagonal_mean(_matrix(figures["function_distance"])))
         if "cka" in figures:
@@ -871,7 +871,7 @@ def write_comparison_report(out: Path, runs: dict[str, list[Path]], table: str) 
     for title, rel in images:
         lines += [f"## {title}", "", f"![{title}]({rel})", ""]
     markdown = "\n".join(lines)
-    path = out / "report.md"
+    path = rundir.path(out, rundir.REPORT)
     atomic_write_text(path, markdown)
     atomic_write_text(out / "report.html",
                       markdown_to_html(markdown, out, f"diverse comparison {out.name}"))
