@@ -48,6 +48,7 @@ _LAZY = {
     "Step": "diverse.methods.base",
     "StepResult": "diverse.methods.base",
     "LogPosterior": "diverse.methods.base",
+    "MethodConfig": "diverse.methods.base",
     "train_step": "diverse.methods.train_step",
     "Full": "diverse.nets.forms",
     "Head": "diverse.nets.forms",

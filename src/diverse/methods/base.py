@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +30,14 @@ from diverse.math.annealing import anneal
 from diverse.nets.distributed import SINGLE, Comm
 from diverse.nets.ensemble import Ensemble, Params
 from diverse.nets.likelihoods import Likelihood
+
+
+@runtime_checkable
+class MethodConfig(Protocol):
+    """What every ``[method]`` config is: a frozen dataclass with the table ``name`` it is
+    registered under in :data:`diverse.methods.catalog.METHODS` (and its own fields)."""
+
+    name: str
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from diverse.errors import UserError
 from diverse.methods.base import (
     DeepEnsembleConfig,
     Finish,
+    MethodConfig,
     Step,
     StepResult,
     TrainingData,
@@ -65,6 +66,7 @@ from diverse.nets.heterogeneous import Heterogeneous, build_heterogeneous
 from diverse.nets.samples import Samples
 
 MethodBuilder = Callable[[Any, TrainingData | None], Callable[[Step], StepResult]]
+# (the builders, wrappers, finalizers and state inits each take their own config class)
 StateInit = Callable[[Any, Ensemble], dict[str, Tensor]]  # (cfg, ensemble) -> {name: (M, ...)}
 #: every ensemble form (:mod:`diverse.nets.forms`)
 ALL_FORMS: tuple[str, ...] = FORMS
@@ -182,7 +184,7 @@ def check_training(name: str, prior_std: float, weight_decay: float) -> None:
                         "under a proper Gaussian prior; set [train] prior_std > 0 (e.g. 1.0)")
 
 
-def method_name(cfg: Any) -> str:
+def method_name(cfg: MethodConfig) -> str:
     """The table name of a method config (its ``name`` field), checked against the table."""
     name = getattr(cfg, "name", None)
     if name not in METHODS:
@@ -194,7 +196,7 @@ def method_name(cfg: Any) -> str:
     return name
 
 
-def predict_samples(method_cfg: Any) -> int:
+def predict_samples(method_cfg: MethodConfig) -> int:
     """Monte Carlo draws per member at prediction (``predict_samples``, default 1)."""
     return int(getattr(method_cfg, "predict_samples", 1))
 
@@ -217,7 +219,7 @@ class Method:
         :class:`TrainingData` it was built with (None if none).
     """
 
-    def __init__(self, config: Any, data: TrainingData | None = None, *,
+    def __init__(self, config: MethodConfig, data: TrainingData | None = None, *,
                  for_training: bool = True) -> None:
         self.name = method_name(config)
         self.config = config
@@ -307,7 +309,7 @@ class Method:
         return f"Method({self.config!r})"
 
 
-def build_method(config: Any, data: TrainingData | None = None) -> Method:
+def build_method(config: MethodConfig, data: TrainingData | None = None) -> Method:
     """The :class:`Method` of a method config dataclass (e.g. ``SVGDConfig()``).
 
     ``data`` is what the method may precompute from the training data (FoRDE's
