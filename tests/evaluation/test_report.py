@@ -20,7 +20,8 @@ from diverse.evaluation.evaluate import (
     member_probs,
     write_evaluation,
 )
-from diverse.evaluation.report import ensemble_sizes, write_comparison_report, write_report
+from diverse.evaluation.plots import ensemble_sizes
+from diverse.evaluation.report import write_comparison_report, write_report
 from diverse.math import metrics
 from diverse.math.cka import cka_matrix
 
