@@ -20,12 +20,14 @@ from diverse.methods.base import Step
 from diverse.nets.likelihoods import Categorical
 from toy_images import CLASSES, N, images
 
+P_DROP = 1e-6  # MC dropout's layers; ≈ 0 so that vmap and loop (other masks) agree
+
 
 class MLP(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 12), nn.Tanh())
-        self.out = nn.Linear(12, CLASSES)
+        self.out = nn.Sequential(nn.Dropout(P_DROP), nn.Linear(12, CLASSES))
 
     def forward(self, x):
         return self.out(self.body(x))
@@ -35,7 +37,7 @@ class CNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.body = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Flatten())
-        self.out = nn.Linear(3 * 64, CLASSES)
+        self.out = nn.Sequential(nn.Dropout(P_DROP), nn.Linear(3 * 64, CLASSES))
 
     def forward(self, x):
         return self.out(self.body(x))
@@ -56,6 +58,10 @@ CONFIGS = {
     "f-svgd": diverse.SVGDConfig(name="f-svgd", output="logits"),
     "forde": diverse.FoRDEConfig(lengthscales="identity"),
     "he-cka": diverse.HECKAConfig(layers=("body", "output")),
+    # independent members: trained group by group, weight samples per group
+    "mc-dropout": diverse.MCDropoutConfig(predict_samples=3),
+    "swag": diverse.SWAGConfig(swa_start=0.3, swa_frequency=1, rank=2, predict_samples=3),
+    "laplace": diverse.LaplaceConfig(predict_samples=3, marglik_steps=5),
 }
 
 
@@ -76,7 +82,7 @@ def _run(name, run_dir, **kwargs):
     return method, ens, result
 
 
-def test_the_table_names_the_heterogeneous_methods():
+def test_the_table_names_the_heterogeneous_methods():  # (and they are all tested here)
     assert {n for n, s in diverse.METHODS.items() if "heterogeneous" in s.forms} == set(CONFIGS)
 
 
@@ -90,9 +96,16 @@ def test_a_heterogeneous_ensemble_trains_resumes_and_loads(name, tmp_path):
     _m, resumed, _r = _run(name, tmp_path / "cut", resume=True)
     for k, v in ens.state_tensors().items():
         assert torch.equal(v, resumed.state_tensors()[k]), k
+    for k, v in result.state.items():  # the method's state, group by group
+        assert torch.equal(v, _r.state[k]), k
     x, _y = images()
-    here = predict_trained(method, Categorical(), ens, None, x)["probs"]
-    assert here.shape == (3, N, CLASSES)
+    here = predict_trained(method, Categorical(), ens, result.samples, x)["probs"]
+    draws = 1 if result.samples is None else result.samples.draws
+    assert here.shape == (3 * draws, N, CLASSES)
+    if result.samples is not None:  # draw-major: draw 0 of members 0, 1 (MLP), 2 (CNN) first
+        first = predict_trained(method, Categorical(), ens.groups[1], result.samples.groups[1],
+                                x)["probs"]
+        torch.testing.assert_close(here[2], first[0])
     loaded = diverse.load(tmp_path / "cut")  # both factories re-imported from this module
     torch.testing.assert_close(loaded.predict(x.numpy()).probs, here, rtol=0, atol=1e-6)
     saved = json.loads((tmp_path / "cut" / "model.json").read_text())
@@ -107,7 +120,9 @@ def test_a_heterogeneous_update_is_the_same_under_vmap_and_loop(name):
         method = diverse.build_method(CONFIGS[name], diverse.TrainingData(inputs=x, targets=y))
         ens = method.ensemble(GROUPS, 3, seed=4, execution=execution).train()
         torch.manual_seed(0)
-        grads.append(method.update(Step(ens, x[:16], y[:16], Categorical(), N, 1.0, 0.5)).grads)
+        step = Step(ens, x[:16], y[:16], Categorical(), N, 1.0, 0.5,
+                    state=method.init_state(ens))
+        grads.append(method.update(step).grads)
     for k in grads[0]:
         torch.testing.assert_close(grads[0][k], grads[1][k], atol=1e-5, rtol=1e-4)
 
@@ -118,7 +133,8 @@ def test_a_heterogeneous_ensemble_equals_its_groups():
         diverse.Heterogeneous([(mlp, 2), (cnn, 1)]), 3, seed=7)
     x, _ = images()
     torch.testing.assert_close(hetero(x)[:2], ens(x))  # member m has its global seed
-    assert torch.equal(hetero.member(2).out.weight, hetero.groups[1].params["out.weight"][0])
+    assert torch.equal(hetero.member(2).out[1].weight,
+                       hetero.groups[1].params["out.1.weight"][0])
 
 
 def test_padded_features_keep_every_kernel_between_groups():
@@ -133,7 +149,7 @@ def test_padded_features_keep_every_kernel_between_groups():
             torch.testing.assert_close(cka.gram(padded, kind), cka.gram(exact, kind))
 
 
-@pytest.mark.parametrize("name", ["svgd", "wgd", "swag", "mc-dropout"])
+@pytest.mark.parametrize("name", ["svgd", "wgd", "svgd-cka", "sghmc", "vi"])
 def test_weight_space_methods_refuse_heterogeneous_members(name):
     from method_table import ROWS
 

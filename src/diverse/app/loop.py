@@ -66,7 +66,7 @@ from diverse.nets.likelihoods import (
     as_likelihood,
     likelihood_config,
 )
-from diverse.nets.samples import Samples, save_samples
+from diverse.nets.samples import Samples, save_run_samples
 from diverse.progress import Progress
 
 PROGRESS_LOGS = ("driving_over_repulsion", "disagreement")  # method diagnostics shown live
@@ -453,7 +453,7 @@ def fit(ensemble: Ensemble, method: Method, train_batches: Batches, *, n_train: 
     result = FitResult(history, state=state)
     result.samples = method.finalize(ensemble, t.seed, t.prior_std, state)  # Bayesian baselines
     if result.samples is not None and lead and run_path is not None:
-        save_samples(run_path, result.samples, method.name, record_cfg)
+        save_run_samples(run_path, result.samples, method.name, record_cfg)
     for cb in o.callbacks:
         cb.on_end(history)
     return result

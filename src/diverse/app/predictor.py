@@ -41,7 +41,7 @@ from diverse.methods.catalog import METHODS, Method
 from diverse.nets.forms import form_from_record
 from diverse.nets.heterogeneous import Heterogeneous
 from diverse.nets.likelihoods import LikelihoodConfig, build_likelihood
-from diverse.nets.samples import Samples, has_samples, load_samples
+from diverse.nets.samples import Samples, load_run_samples
 
 __all__ = ["Prediction", "Predictor", "load"]
 
@@ -169,8 +169,7 @@ class Predictor:
         check_frozen(manifest, self.ensemble.frozen_fingerprint())
         self.ensemble.load_state_tensors({k: v.to(self.device) for k, v in model_t.items()})
         self.ensemble.execution = manifest["execution"]
-        self.samples: Samples | None = (load_samples(self.run_dir, self.device)[0]
-                                        if has_samples(self.run_dir) else None)
+        self.samples: Samples | None = load_run_samples(self.run_dir, self.device)
         self.calibration: Calibration | None = load_calibration(self.run_dir)
         self._predict = predict_trained
 

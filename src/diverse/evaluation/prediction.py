@@ -17,6 +17,7 @@ from diverse.errors import UserError
 from diverse.methods.catalog import Method
 from diverse.nets import samples as sample_set
 from diverse.nets.ensemble import Ensemble, evaluating
+from diverse.nets.heterogeneous import GroupSamples, interleave_draws
 from diverse.nets.likelihoods import Likelihood
 from diverse.nets.samples import Samples
 
@@ -79,6 +80,10 @@ def predict_trained(method: Method, likelihood: Likelihood, ensemble: Ensemble,
     through them instead, on the plain model (:meth:`Ensemble.plain_model`):
     ``(S, N, ...)``, draw-major (:mod:`diverse.nets.samples`).
     """
+    if isinstance(samples, GroupSamples):  # a heterogeneous ensemble: every group's samples
+        parts = [sample_set.predict(g.plain_model(), s, likelihood, x, batch_size)
+                 for g, s in zip(ensemble.groups, samples.groups, strict=True)]
+        return {k: interleave_draws([p[k] for p in parts], samples.draws) for k in parts[0]}
     if samples is not None:
         return sample_set.predict(ensemble.plain_model(), samples, likelihood, x, batch_size)
     return predict(ensemble, likelihood, x, batch_size, samples=method.prediction_draws())

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from diverse.errors import UserError
@@ -62,7 +63,14 @@ from diverse.methods.swag import SWAGConfig, build_swag, finalize_swag, init_swa
 from diverse.methods.vi import VIConfig, build_vi, finalize_vi, wrap_vi
 from diverse.nets.ensemble import Ensemble
 from diverse.nets.forms import FORMS, MemberForm
-from diverse.nets.heterogeneous import Heterogeneous, build_heterogeneous
+from diverse.nets.heterogeneous import (
+    GroupSamples,
+    HeteroEnsemble,
+    Heterogeneous,
+    build_heterogeneous,
+    join_groups,
+    split_groups,
+)
 from diverse.nets.samples import Samples
 
 MethodBuilder = Callable[[Any, TrainingData | None], Callable[[Step], StepResult]]
@@ -110,6 +118,8 @@ class MethodSpec(NamedTuple):
         forms: the ensemble forms it trains (``[ensemble] members_as``): a method that
             wraps or generates its members needs whole members (``full``); a sampler
             moves only member parameters (no shared trainable tensors).
+        independent: its members do not interact, so on a heterogeneous ensemble it runs
+            group by group (its state, update and weight samples per group).
     """
 
     config: type
@@ -126,6 +136,7 @@ class MethodSpec(NamedTuple):
     needs_prior: bool = False
     init_state: StateInit | None = None
     forms: tuple[str, ...] = ALL_FORMS
+    independent: bool = False
 
 
 def _mutual_peer(cfg: MutualBNNConfig, module: nn.Module, _members: int, _seed: int) -> nn.Module:
@@ -151,17 +162,19 @@ METHODS: dict[str, MethodSpec] = {
     "mutual-bnn": MethodSpec(MutualBNNConfig, build_mutual_bnn, _mutual_peer,
                              prediction="monte-carlo", feature_space=True, forms=FULL_ONLY),
     "mc-dropout": MethodSpec(MCDropoutConfig, build_mc_dropout, wrap_mc_dropout,
-                             finalize_mc_dropout, prediction="weight-samples", forms=FULL_ONLY),
+                             finalize_mc_dropout, prediction="weight-samples",
+                             forms=(*FULL_ONLY, HETEROGENEOUS), independent=True),
     "vi": MethodSpec(VIConfig, build_vi, wrap_vi, finalize_vi, prediction="weight-samples",
                      forms=FULL_ONLY),
     "swag": MethodSpec(SWAGConfig, build_swag, finalize=finalize_swag, init_state=init_swag,
-                       prediction="weight-samples"),
+                       prediction="weight-samples", forms=THROUGH_FUNCTIONS, independent=True),
     "sghmc": MethodSpec(SGHMCConfig, build_sghmc, finalize=finalize_sghmc,
                         init_state=init_sghmc, prediction="weight-samples", sampler=True,
                         forms=NO_SHARED_TRAINING),
     # BatchEnsemble: laplace-torch finds no Linear layer of its own in the fast weights
     "laplace": MethodSpec(LaplaceConfig, build_laplace, finalize=finalize_laplace,
-                          prediction="weight-samples", forms=NO_SHARED_TRAINING),
+                          prediction="weight-samples",
+                          forms=(*NO_SHARED_TRAINING, HETEROGENEOUS), independent=True),
     "hmc": MethodSpec(HMCConfig, build_hmc, finalize=finalize_hmc, init_state=init_hmc,
                       prediction="weight-samples", sampler=True, needs_prior=True,
                       forms=NO_SHARED_TRAINING),
@@ -201,6 +214,28 @@ def predict_samples(method_cfg: MethodConfig) -> int:
     return int(getattr(method_cfg, "predict_samples", 1))
 
 
+def _group_by_group(update: Callable[[Step], StepResult]) -> Callable[[Step], StepResult]:
+    """An independent method's update on a heterogeneous ensemble: run on every group with
+    its own state, results joined in group order (exact: its members do not interact)."""
+
+    def run(step: Step) -> StepResult:
+        ens = step.ensemble
+        if not isinstance(ens, HeteroEnsemble):
+            return update(step)
+        states = split_groups(step.state, len(ens.groups))
+        parts = [update(Step(g, step.x, step.y, step.likelihood, step.n_train, step.prior_std,
+                             step.progress, step.index, step.comm, st))
+                 for g, st in zip(ens.groups, states, strict=True)]
+        grads = (None if parts[0].grads is None
+                 else join_groups([p.grads or {} for p in parts]))
+        logs = {k: sum(float(p.logs[k]) for p in parts) / len(parts) for k in parts[0].logs}
+        return StepResult(loss=torch.cat([p.loss for p in parts]),
+                          outputs=torch.cat([p.outputs for p in parts]), grads=grads, logs=logs,
+                          state=step.state)
+
+    return run
+
+
 def _prediction_only(step: Step) -> StepResult:
     raise UserError("this method was built for prediction only (Method(..., for_training="
                     "False)); build it with build_method(config, data) to train")
@@ -229,6 +264,8 @@ class Method:
         # training data) is not built
         self.update: Callable[[Step], StepResult] = (self.spec.build(config, data) if for_training
                                                      else _prediction_only)
+        if self.spec.independent and for_training:
+            self.update = _group_by_group(self.update)
 
     def ensemble(self, factory: Callable[[], nn.Module] | nn.Module, members: int, *,
                  seed: int = 0, execution: str = "auto", device: Any = "cpu",
@@ -287,9 +324,12 @@ class Method:
                             f"{built})")
 
     def init_state(self, ensemble: Ensemble) -> dict[str, Tensor]:
-        """The method's initial state ``{name: (M, ...)}`` for ``ensemble`` (``{}`` if none)."""
+        """The method's initial state ``{name: (M, ...)}`` for ``ensemble`` (``{}`` if none);
+        of a heterogeneous ensemble, every group's under ``"group<i>/<name>"``."""
         if self.spec.init_state is None:
             return {}
+        if isinstance(ensemble, HeteroEnsemble):
+            return join_groups([self.init_state(g) for g in ensemble.groups])
         return self.spec.init_state(self.config, ensemble)
 
     def finalize(self, ensemble: Ensemble, seed: int, prior_std: float,
@@ -297,6 +337,10 @@ class Method:
         """The weight samples of a Bayesian baseline after training (None for the others)."""
         if self.spec.finalize is None:
             return None
+        if isinstance(ensemble, HeteroEnsemble):  # every group's own samples
+            states = split_groups(state or {}, len(ensemble.groups))
+            return GroupSamples(tuple(self.finalize(g, seed, prior_std, st)
+                                      for g, st in zip(ensemble.groups, states, strict=True)))
         finish = Finish(ensemble.plain_model(), seed, prior_std, self.data, dict(state or {}))
         return self.spec.finalize(self.config, ensemble, finish)
 

@@ -227,6 +227,48 @@ class HeteroEnsemble(nn.Module):
         return hashlib.sha256("|".join(p or "" for p in prints).encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class GroupSamples:
+    """The weight samples of a heterogeneous ensemble: one
+    :class:`~diverse.nets.samples.Samples` per group (each of its own architecture),
+    every group with the same draws per member."""
+
+    groups: tuple[Any, ...]
+
+    @property
+    def count(self) -> int:
+        return sum(s.count for s in self.groups)
+
+    @property
+    def members(self) -> int:
+        return sum(s.members for s in self.groups)
+
+    @property
+    def draws(self) -> int:
+        return self.groups[0].draws
+
+    def to(self, device: torch.device | str) -> GroupSamples:
+        return GroupSamples(tuple(s.to(device) for s in self.groups))
+
+
+def split_groups(tensors: Mapping[str, Tensor], groups: int) -> list[Params]:
+    """``{"group<i>/<name>": t}`` → one ``{name: t}`` per group (the same tensors)."""
+    return [_split(tensors, i) for i in range(groups)]
+
+
+def join_groups(parts: Sequence[Mapping[str, Tensor]]) -> Params:
+    """The inverse of :func:`split_groups`."""
+    return _join(parts)
+
+
+def interleave_draws(parts: Sequence[Tensor], draws: int) -> Tensor:
+    """Per-group draw-major predictions ``(D·M_i, ...)`` → one draw-major ``(D·M, ...)``:
+    draw d holds every member, in group order (:mod:`diverse.nets.samples`)."""
+    shaped = [p.reshape(draws, p.shape[0] // draws, *p.shape[1:]) for p in parts]
+    joined = torch.cat(shaped, dim=1)
+    return joined.reshape(-1, *joined.shape[2:])
+
+
 def build_heterogeneous(spec: Heterogeneous, make_group: Callable[..., Ensemble],
                         members: int, **kwargs: Any) -> HeteroEnsemble:
     """The :class:`HeteroEnsemble` of ``spec``: ``make_group(factory, count, member_offset=...,

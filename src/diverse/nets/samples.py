@@ -253,3 +253,30 @@ def load_samples(run_dir: Path, device: torch.device | str = "cpu"
     params = {k[len("params/"):]: v for k, v in raw.items() if k.startswith("params/")}
     buffers = {k[len("buffers/"):]: v for k, v in raw.items() if k.startswith("buffers/")}
     return Samples(params, buffers, raw["member"]).to(device), manifest
+
+
+def save_run_samples(run_dir: Path, samples: Any, method: str,
+                     config: Mapping[str, Any] | None = None) -> None:
+    """:func:`save_samples`, or for a heterogeneous ensemble's ``GroupSamples`` every group's
+    in ``RUN/samples/group<i>/``."""
+    groups = getattr(samples, "groups", None)
+    if groups is None:
+        save_samples(run_dir, samples, method, config)
+        return
+    for i, part in enumerate(groups):
+        save_samples(Path(run_dir) / SAMPLES_DIR / f"group{i}", part, method, config)
+
+
+def load_run_samples(run_dir: Path, device: torch.device | str = "cpu") -> Any:
+    """The weight samples :func:`save_run_samples` wrote, or None when there are none."""
+    if has_samples(run_dir):
+        return load_samples(run_dir, device)[0]
+    folder = Path(run_dir) / SAMPLES_DIR
+    parts = []
+    while has_samples(folder / f"group{len(parts)}"):
+        parts.append(load_samples(folder / f"group{len(parts)}", device)[0])
+    if not parts:
+        return None
+    from diverse.nets.heterogeneous import GroupSamples
+
+    return GroupSamples(tuple(parts))
