@@ -92,8 +92,9 @@ def test_library_guide_runs_and_predicts_as_in_process(scratch, monkeypatch):
 def test_other_python_examples_run(name, scratch, monkeypatch):
     spaces = _run(ROOT / "docs" / name, scratch, monkeypatch)
     if name == "pretrained.md":
-        (ns,) = spaces
-        assert sum(v.numel() for v in ns["heads"].shared.values()) == 64 * 32 + 32
+        forms, groups = spaces
+        assert sum(v.numel() for v in forms["heads"].shared.values()) == 64 * 32 + 32
+        assert [g.members for g in groups["hetero"].groups] == [2, 3]
     else:
         assert (scratch / "runs/big/checkpoints/latest.json").is_file()
 
