@@ -92,7 +92,7 @@ def test_library_guide_runs_and_predicts_as_in_process(scratch, monkeypatch):
 def test_other_python_examples_run(name, scratch, monkeypatch):
     spaces = _run(ROOT / "docs" / name, scratch, monkeypatch)
     if name == "pretrained.md":
-        forms, groups = spaces
+        groups, forms = spaces  # in page order
         assert sum(v.numel() for v in forms["heads"].shared.values()) == 64 * 32 + 32
         assert [g.members for g in groups["hetero"].groups] == [2, 3]
     else:
