@@ -6,7 +6,7 @@ measures coverage and set size (interval width) on the other:
 
     python examples/conformal_coverage.py runs/fashion-mnist-de --alpha 0.1 --splits 20
 
-Classification: LAC, APS and RAPS sets (:mod:`diverse.math.conformal`); regression:
+Classification: LAC, APS and RAPS sets (:mod:`diverse.metrics.conformal`); regression:
 ``μ ± q̂ σ`` intervals from normalized residuals. Prints mean ± std, min and max
 of the coverage over splits and the mean set size, and writes
 ``RUN/conformal_coverage.json``. Measured figures are in the README
@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diverse import metrics
 from diverse.checkpoint import atomic_write_json
-from diverse.math import conformal, metrics
+from diverse.metrics import conformal
 
 
 def main() -> None:

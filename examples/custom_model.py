@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 import diverse
-from diverse.math import metrics
+from diverse import metrics
 
 # -------------------------------------------------------------- the user's model
 

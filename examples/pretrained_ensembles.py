@@ -126,8 +126,9 @@ def run_one(args: dict) -> dict:
     from torch.utils.data import DataLoader, TensorDataset
 
     import diverse
+    from diverse import metrics
     from diverse.app.train import predict_trained
-    from diverse.math import cka, metrics
+    from diverse.math import cka
     from diverse.nets.forms import BatchEnsemble, Head, LoRA
     from diverse.nets.likelihoods import Categorical
 

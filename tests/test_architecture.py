@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "diverse"
-RANK = {"base": 0, "math": 1, "nets": 2, "data": 2, "methods": 3, "evaluation": 4, "app": 5}
+RANK = {"base": 0, "math": 1, "metrics": 1, "nets": 2, "data": 2, "methods": 3, "evaluation": 4,
+        "app": 5}
 BASE = {"errors", "validate", "checkpoint", "rundir", "progress", "__init__"}
 
 

@@ -68,8 +68,8 @@ def test_readme_quick_start_runs(scratch, monkeypatch):
 
 
 def test_library_guide_runs_and_predicts_as_in_process(scratch, monkeypatch):
+    from diverse import metrics
     from diverse.app.train import predict_trained
-    from diverse.math import metrics
     from diverse.math.calibration import apply_temperature
     from diverse.nets.likelihoods import Categorical
 

@@ -20,8 +20,8 @@ The public API (loaded lazily, so ``import diverse`` stays cheap):
   on a :class:`LogPosterior` target;
 * prediction: :func:`load` (a run directory → :class:`Predictor`:
   ``predict(x)``, ``predict_set(x, alpha)``), :func:`predict`;
-* :mod:`diverse.math.metrics`, :mod:`diverse.math.calibration`, :mod:`diverse.math.conformal`,
-  :mod:`diverse.math.selective`, :mod:`diverse.math.confidence` (pure functions of tensors);
+* :mod:`diverse.metrics`, :mod:`diverse.math.calibration`, :mod:`diverse.metrics.conformal`,
+  :mod:`diverse.metrics.selective`, :mod:`diverse.math.confidence` (pure functions of tensors);
 * :mod:`diverse.app.lightning` (``pip install 'diverse[lightning]'``): a
   ``LightningModule`` for Lightning's ``Trainer``.
 """

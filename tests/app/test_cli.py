@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from diverse import metrics
 from diverse.app.cli import main
-from diverse.math import metrics
 
 SMALL = ["--set", "data.name=digits", "--set", "data.train_subset=400",
          "--set", 'data.ood=["uniform", "rotated"]', "--set", "model.hidden=[32]",

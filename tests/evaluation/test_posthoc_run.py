@@ -10,6 +10,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 import diverse
+from diverse import metrics
 from diverse.app.cli import main
 from diverse.app.compare import flat_row, main_column
 from diverse.app.config import load_config
@@ -23,7 +24,7 @@ from diverse.data.datasets import (
 from diverse.data.ood import ood_group
 from diverse.errors import UserError
 from diverse.evaluation.posthoc import load_calibration, ood_figures
-from diverse.math import calibration, confidence, metrics
+from diverse.math import calibration, confidence
 
 SMALL = ["--set", "data.name=digits", "--set", 'data.ood=["uniform", "rotated"]',
          "--set", "model.hidden=[32]", "--set", "ensemble.members=3",

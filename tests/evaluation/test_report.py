@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from diverse import metrics
 from diverse.app.config import config_to_toml, load_config
 from diverse.app.train import build_run, predict_run
 from diverse.data.datasets import denormalize, normalize
@@ -22,7 +23,6 @@ from diverse.evaluation.evaluate import (
 )
 from diverse.evaluation.plots import ensemble_sizes
 from diverse.evaluation.report import write_comparison_report, write_report
-from diverse.math import metrics
 from diverse.math.cka import cka_matrix
 
 PNG = b"\x89PNG\r\n\x1a\n"

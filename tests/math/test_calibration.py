@@ -11,8 +11,8 @@ import scipy.optimize
 import scipy.special
 import torch
 
+from diverse import metrics as mt
 from diverse.math import calibration as cal
-from diverse.math import metrics as mt
 
 
 def t64(x) -> torch.Tensor:

@@ -11,8 +11,8 @@ import scipy.special
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
+from diverse import metrics as mt
 from diverse.math import confidence as cf
-from diverse.math import metrics as mt
 
 # ----------------------------------------------------------------------- references
 

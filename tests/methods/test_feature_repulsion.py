@@ -189,10 +189,10 @@ def test_a_trained_hypernetwork_evaluates_with_any_number_of_members(tmp_path):
 
     import numpy as np
 
+    from diverse import metrics
     from diverse.app.cli import main
     from diverse.app.config import replace
     from diverse.app.train import load_trained
-    from diverse.math import metrics
 
     run_dir = tmp_path / "hyper"
     sets = [s for b in BASE for s in ("--set", b)]

@@ -120,7 +120,7 @@ def _finish(run, run_dir: Path, quiet: bool, ood: list[str] | None = None,
             raps: tuple[float, int] | None = None) -> None:
     from diverse.evaluation.evaluate import evaluate, fit_run_calibration, write_evaluation
     from diverse.evaluation.report import write_report
-    from diverse.math.conformal import ALPHAS
+    from diverse.metrics.conformal import ALPHAS
 
     alphas = sorted({*ALPHAS, *conformal_alphas})
     calibration = fit_run_calibration(run, *(raps or ()))
@@ -230,7 +230,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             raise UserError(f"--conformal {alpha}: the miscoverage level must be in (0, 1), "
                             "e.g. 0.1 for 90% coverage")
     from diverse.evaluation.posthoc import load_calibration
-    from diverse.math.conformal import RAPS_K_REG, RAPS_LAMBDA
+    from diverse.metrics.conformal import RAPS_K_REG, RAPS_LAMBDA
 
     saved = load_calibration(run_dir)  # keep the RAPS settings of an earlier evaluation
     raps = (args.raps_lambda if args.raps_lambda is not None else

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from diverse import rundir
+from diverse import metrics, rundir
 from diverse.app.checkpointing import Checkpointer, Resumed, set_rng
 from diverse.app.config import TrainConfig
 from diverse.app.meter import Divergence, EpochMeter
@@ -53,7 +53,6 @@ from diverse.app.tracking import NullTracker
 from diverse.data.augment import crop_and_flip
 from diverse.errors import UserError
 from diverse.evaluation.prediction import predict
-from diverse.math import metrics
 from diverse.methods.base import LogPosterior, StepResult
 from diverse.methods.catalog import Method, check_training
 from diverse.methods.train_step import train_step

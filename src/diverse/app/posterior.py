@@ -60,7 +60,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from diverse import rundir
+from diverse import metrics, rundir
 from diverse.app.config import (
     Config,
     config_from_dict,
@@ -73,7 +73,6 @@ from diverse.app.config import (
 from diverse.checkpoint import atomic_save_tensors, atomic_write_json, atomic_write_text
 from diverse.data.ood import OOD_NAMES
 from diverse.errors import UserError
-from diverse.math import metrics
 from diverse.math.mmd import mmd
 from diverse.nets.samples import (
     Samples,

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from diverse import rundir
+from diverse import metrics, rundir
 from diverse.app.checkpointing import check_frozen
 from diverse.app.loop import MODEL_FILE
 from diverse.checkpoint import load_checkpoint
@@ -35,9 +35,8 @@ from diverse.data.datasets import data_spec, load_dataset, normalize, read_data_
 from diverse.errors import UserError
 from diverse.evaluation.posthoc import Calibration, load_calibration, regression_summary
 from diverse.math import calibration as temperature
-from diverse.math import metrics
-from diverse.math.conformal import RANDOM_SEED, prediction_sets
 from diverse.methods.catalog import METHODS, Method
+from diverse.metrics.conformal import RANDOM_SEED, prediction_sets
 from diverse.nets.forms import form_from_record
 from diverse.nets.heterogeneous import Heterogeneous
 from diverse.nets.likelihoods import LikelihoodConfig, build_likelihood
@@ -239,7 +238,7 @@ class Predictor:
         """Split-conformal prediction sets at miscoverage ``alpha``.
 
         Classification: ``(N, C)`` bool, class ``c`` in the set of input ``n``
-        (``score`` ``"lac"``, ``"aps"`` or ``"raps"``, :mod:`diverse.math.conformal`;
+        (``score`` ``"lac"``, ``"aps"`` or ``"raps"``, :mod:`diverse.metrics.conformal`;
         coverage ``≥ 1 − α`` for inputs exchangeable with the validation split).
         Regression: the intervals ``(lower, upper)``, each ``(N, D)``.
         """

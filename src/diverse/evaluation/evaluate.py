@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diverse import rundir
+from diverse import metrics, rundir
 from diverse.data.datasets import Dataset, denormalize, normalize
 from diverse.data.ood import ood_group
 from diverse.evaluation.posthoc import (
@@ -52,10 +52,10 @@ from diverse.evaluation.posthoc import (
     selective_figures,
 )
 from diverse.evaluation.prediction import predict_run
-from diverse.math import conformal, metrics
 from diverse.math.mcmc import effective_sample_size, split_rhat
 from diverse.methods.base import TrainingData
 from diverse.methods.catalog import predict_samples
+from diverse.metrics import conformal
 from diverse.nets.ensemble import evaluating
 
 if TYPE_CHECKING:  # the application layer's run; evaluation only reads it
@@ -175,7 +175,7 @@ def function_distance(probs: Tensor) -> Tensor:
 def disagreement_extremes(probs: Tensor, k: int = 8) -> tuple[Tensor, Tensor, Tensor]:
     """The ``k`` examples with the lowest and the highest member disagreement.
 
-    Disagreement is :func:`diverse.math.metrics.disagreement_with_mean` (the fraction
+    Disagreement is :func:`diverse.metrics.disagreement_with_mean` (the fraction
     of members whose argmax differs from the ensemble's); ties are broken by the
     predictive entropy (lowest first for the low row, highest first for the
     high row). ``probs`` ``(M, N, C)``. Returns ``index (2, k)`` int64 (row 0

@@ -23,8 +23,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from diverse import metrics  # noqa: E402
 from diverse.checkpoint import publish  # noqa: E402
-from diverse.math import metrics  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
@@ -408,7 +408,7 @@ def plot_risk_coverage(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: P
                        title: str = "Risk–coverage") -> None:
     """Selective risk and generalized risk against coverage; ``curves[label] =
     (uncertainty (N,), errors (N,))``."""
-    from diverse.math.selective import risk_coverage
+    from diverse.metrics.selective import risk_coverage
 
     fig, (ax, axg) = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
     for label, (u, e) in curves.items():

@@ -8,7 +8,7 @@ Used by :mod:`diverse.evaluation.evaluate` (``metrics.json``), :mod:`diverse.eva
 
 A :class:`Calibration` is what a validation split fits: the two temperatures
 (:mod:`diverse.math.calibration`), the regression std scale, and the conformal
-calibration scores of every nonconformity score (:mod:`diverse.math.conformal`), so
+calibration scores of every nonconformity score (:mod:`diverse.metrics.conformal`), so
 a prediction set can be formed at any α later. On disk it is
 ``RUN/calibration.json`` (scalars) and ``RUN/calibration.npz`` (scores), both
 written atomically; nothing is unpickled.
@@ -27,15 +27,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diverse import rundir
+from diverse import metrics, rundir
 from diverse.checkpoint import atomic_save_npz, atomic_write_json
-from diverse.math import calibration, confidence, conformal, metrics, selective
+from diverse.math import calibration, confidence
+from diverse.metrics import conformal, selective
 
 CALIBRATION_JSON = rundir.CALIBRATION
 CALIBRATION_NPZ = "calibration.npz"
 FORMAT = "diverse-calibration"
 #: Seed of the APS/RAPS draws on the calibration (validation) examples; test and
-#: new inputs use :data:`diverse.math.conformal.RANDOM_SEED`, so the two are independent.
+#: new inputs use :data:`diverse.metrics.conformal.RANDOM_SEED`, so the two are independent.
 CALIBRATION_SEED = conformal.RANDOM_SEED + 1
 
 
@@ -48,7 +49,7 @@ def ood_figures(probs: Tensor, logits: Tensor | None,
 
     Each set is scored *mixed with the in-distribution test set* — the positives
     are the OOD examples, the negatives the test examples
-    (:func:`diverse.math.metrics.ood_detection`) — never on the OOD set alone.
+    (:func:`diverse.metrics.ood_detection`) — never on the OOD set alone.
     ``ood`` maps a set name to its ``(probs, logits)``; a score needing logits is
     left out unless both sides have them. Returns ``{set: {score: {"auroc",
     "aupr_in", "aupr_out", "fpr95"}}}``.
@@ -72,7 +73,8 @@ def selective_figures(probs: Tensor, logits: Tensor | None, labels: Tensor
     """Selective classification with every score as the rejection order.
 
     The prediction is the ensemble's ``argmax p̄``; returns ``{score: {"aurc",
-    "e_aurc", "augrc", "accuracy_at_50", ...}}`` (:func:`diverse.math.selective.selective_metrics`).
+    "e_aurc", "augrc", "accuracy_at_50", ...}}``
+    (:func:`diverse.metrics.selective.selective_metrics`).
     """
     errors = errors_of(probs, labels)
     return {name: selective.selective_metrics(score, errors)

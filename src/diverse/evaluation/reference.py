@@ -14,7 +14,7 @@ the reference's draws ``(S₂, N)`` — and the comparison is made per input:
   Gaussian mixture) when those are given.
 
 Std convention: population std over samples (no Bessel correction), as
-:func:`diverse.math.metrics.predictive_std`.
+:func:`diverse.metrics.predictive_std`.
 """
 
 from __future__ import annotations

@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from torch import Tensor
 
+from diverse import metrics
 from diverse.data.corruptions import CORRUPTIONS, SEVERITIES, corrupt, rotated_sets
 from diverse.data.datasets import denormalize, normalize
 from diverse.errors import UserError
 from diverse.evaluation.prediction import predict_run
-from diverse.math import metrics
 from diverse.progress import Progress
 
 if TYPE_CHECKING:  # the application layer's run; evaluation only reads it

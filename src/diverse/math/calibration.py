@@ -32,7 +32,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from diverse.math import metrics
+from diverse import metrics
 
 __all__ = ["MODES", "apply_std_scale", "apply_temperature", "fit_std_scale", "fit_temperature",
            "pooled_log_probs", "temperature_nll"]
@@ -136,7 +136,7 @@ def fit_std_scale(means: Tensor, stds: Tensor, targets: Tensor) -> float:
     """The scale ``s > 0`` of the predictive std minimizing the validation mixture NLL.
 
     ``means``, ``stds`` ``(M, N)`` or ``(M, N, D)``; ``targets`` ``(N,)`` or ``(N, D)``
-    (:func:`diverse.math.metrics.gaussian_mixture_nll`).
+    (:func:`diverse.metrics.gaussian_mixture_nll`).
     """
     mu, sd = means.detach().to(torch.float64), stds.detach().to(torch.float64)
     y = targets.detach().to(torch.float64)

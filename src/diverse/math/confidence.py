@@ -26,7 +26,7 @@ How each score pools the samples:
 ``pairwise_kl``           ``1/(S(S−1)) Σ_{s≠t} KL(p_sn ‖ p_tn)``, the mean over ordered pairs
                           (computed in O(S), see :func:`pairwise_kl`).
 ``disagreement``          the mean pairwise disagreement of the samples' argmax
-                          (:func:`diverse.math.metrics.disagreement`).
+                          (:func:`diverse.metrics.disagreement`).
 ========================  ==================================================================
 
 The last four measure disagreement between samples and are 0 for ``S = 1``.
@@ -39,7 +39,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from diverse.math import metrics
+from diverse import metrics
 
 __all__ = ["LOGIT_SCORES", "SCORES", "energy", "max_logit", "msp", "pairwise_kl",
            "uncertainty_scores", "variation_ratio"]

@@ -40,11 +40,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from diverse import metrics
 from diverse.data.datasets import normalize
 from diverse.data.outliers import OutlierConfig, synthetic_outliers
 from diverse.errors import UserError
 from diverse.math import he_cka as he
-from diverse.math import metrics
 from diverse.math.cka import CENTERINGS, GRAM_KINDS, as_matrix, unit_grams
 from diverse.methods.base import (
     Step,
@@ -313,7 +313,7 @@ def _features(step: Step, params: Params, x: Tensor,
 
 def _disagreement(logits: Tensor) -> Tensor:
     """``diag_disagreement``: the mean pairwise disagreement of the members'
-    predicted classes on the batch (:func:`diverse.math.metrics.disagreement`), the same
+    predicted classes on the batch (:func:`diverse.metrics.disagreement`), the same
     quantity the particle methods log (a 0-dim tensor: no host read)."""
     return metrics.disagreement(logits.detach().softmax(-1)).mean()
 

@@ -33,8 +33,9 @@ from dataclasses import dataclass
 
 import torch
 
+from diverse import metrics
 from diverse.errors import UserError
-from diverse.math import kernels, metrics
+from diverse.math import kernels
 from diverse.math.annealing import ANNEALINGS
 from diverse.methods.base import (
     Step,

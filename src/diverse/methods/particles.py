@@ -37,8 +37,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from diverse import metrics
 from diverse.errors import UserError
-from diverse.math import kernels, metrics, scores
+from diverse.math import kernels, scores
 from diverse.math.annealing import ANNEALINGS
 from diverse.methods.base import (
     Step,

@@ -1,4 +1,4 @@
-"""diverse.math.conformal: quantile and scores by hand, prefix sets, coverage guarantee."""
+"""diverse.metrics.conformal: quantile and scores by hand, prefix sets, coverage guarantee."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import scipy.special
 import scipy.stats
 import torch
 
-from diverse.math import conformal as cp
+from diverse.metrics import conformal as cp
 
 
 def t64(x) -> torch.Tensor:

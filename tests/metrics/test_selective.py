@@ -1,4 +1,4 @@
-"""diverse.math.selective: risk-coverage curves against direct loops, closed forms, ties."""
+"""diverse.metrics.selective: risk-coverage curves against direct loops, closed forms, ties."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from diverse.math import selective as sel
+from diverse.metrics import selective as sel
 
 # ----------------------------------------------------------------------- references
 

@@ -1,4 +1,4 @@
-"""diverse.math.metrics: cross-checks against sklearn / torchmetrics / scipy, closed forms."""
+"""diverse.metrics: cross-checks against sklearn / torchmetrics / scipy, closed forms."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from torchmetrics.functional.classification import (
     multiclass_calibration_error,
 )
 
-from diverse.math import metrics as mt
+from diverse import metrics as mt
 
 TOL = 1e-6
 SEEDS = (0, 1, 2)
