@@ -15,15 +15,12 @@ import torch
 
 from diverse.data.datasets import (
     DATASETS,
-    FASHION_MNIST_SYSTEM_DIR,
     DataConfig,
-    RestrictedUnpickler,
     channel_stats,
-    data_dir,
     load_dataset,
     normalize,
-    read_idx,
 )
+from diverse.data.readers import FASHION_MNIST_SYSTEM_DIR, RestrictedUnpickler, data_dir, read_idx
 from diverse.errors import UserError
 
 RNG = np.random.default_rng(1234)

@@ -8,7 +8,7 @@ the training set's normalization to it. Names (:data:`OOD_NAMES`):
   in-distribution image size (bilinear, antialias) and channel count.
 - ``mnist``, ``fashion-mnist``, ``svhn``, ``cifar10``, ``cifar100``: the test split of
   that dataset from its default / ``DIVERSE_DATA`` location (see
-  :func:`diverse.data.datasets.data_dir`), resized and channel-converted when shapes differ.
+  :func:`diverse.data.readers.data_dir`), resized and channel-converted when shapes differ.
 - ``uniform``: U[0, 1] images; ``gaussian``: N(0.5, 0.25²) clipped to [0, 1]. Both
   min(len(test), 10000) examples, seeded by ``seed``.
 - ``rotated``: test images rotated by 90° (``torch.rot90`` over H, W);
