@@ -11,6 +11,7 @@ predictive band, and conformal set sizes. :mod:`diverse.evaluation.report` compo
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -22,6 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
 
 from diverse import metrics  # noqa: E402
 from diverse.checkpoint import publish  # noqa: E402
@@ -440,5 +442,89 @@ def plot_set_sizes(conformal: dict[str, Any], alpha: str, path: Path) -> None:
     ax.set_title(f"Conformal set sizes at α = {alpha}", fontsize=10)
     ax.legend(fontsize=7)
     _save(fig, path)
+
+
+
+
+#: the posterior study's modes (single- and multi-mode posteriors) and their colours
+MODE_COLORS = {"single": "tab:orange", "multi": "tab:blue"}
+
+
+def _pca_basis(ref: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean ``(D,)`` and first two principal directions ``(D, 2)`` of ``ref``, float64."""
+    mean = ref.double().mean(0)
+    _, _, v = torch.linalg.svd(ref.double() - mean, full_matrices=False)
+    return mean, v[:2].T
+
+
+def plot_pca(ref_flat: Tensor, ref_canon: Tensor,
+             projections: dict[tuple[str, str], tuple[Tensor, Tensor]], path: Path) -> None:
+    """Per method: reference and seed-0 samples on the reference's first two PCs.
+
+    The principal directions come from the even-indexed reference networks and
+    the odd-indexed ones are drawn: directions fitted on a point set exaggerate
+    that set's own spread (D is about the number of networks), so the drawn
+    reference is held out like the methods' samples.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(m for m, _ in projections))
+    fig, axes = plt.subplots(len(methods), 2, figsize=(9, 3.2 * len(methods)), squeeze=False)
+    bases = [_pca_basis(ref_flat[0::2]), _pca_basis(ref_canon[0::2])]
+    for row, method in enumerate(methods):
+        for col, (title, ref) in enumerate((("before", ref_flat), ("after symmetry removal",
+                                                                   ref_canon))):
+            mean, basis = bases[col]
+            ax = axes[row][col]
+            pts = ((ref[1::2].double() - mean) @ basis).numpy()
+            ax.scatter(pts[:, 0], pts[:, 1], s=4, c="0.75", label="reference")
+            for mode in MODE_COLORS:
+                if (method, mode) in projections:
+                    x = projections[(method, mode)][col].double()
+                    p = ((x - mean) @ basis).numpy()
+                    ax.scatter(p[:, 0], p[:, 1], s=6, c=MODE_COLORS[mode],
+                               label=f"{mode}-mode")
+            ax.set_title(f"{method}: {title}", fontsize=9)
+            ax.set_xlabel("PC 1")
+            ax.set_ylabel("PC 2")
+            ax.legend(fontsize=7, markerscale=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_mmd(summary: list[dict[str, Any]], floor: dict[str, float], path: Path) -> None:
+    """Bars of MMD² per method (single vs multi), before and after symmetry removal."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(e["method"] for e in summary))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    width = 0.38
+    for ax, col, title in ((axes[0], "mmd", "MMD² to the reference"),
+                           (axes[1], "mmd_ns", "MMD² after symmetry removal")):
+        for k, mode in enumerate(MODE_COLORS):
+            xs, means, stds = [], [], []
+            for i, method in enumerate(methods):
+                entry = next((e for e in summary if e["method"] == method and e["mode"] == mode),
+                             None)
+                if entry is not None:
+                    xs.append(i + (k - 0.5) * width)
+                    means.append(entry[col][0])
+                    stds.append(0.0 if math.isnan(entry[col][1]) else entry[col][1])
+            ax.bar(xs, means, width, yerr=stds, label=f"{mode}-mode", capsize=2,
+                   color=MODE_COLORS[mode])
+        ax.axhline(floor[col], color="k", ls="--", lw=1, label="noise floor")
+        ax.set_xticks(range(len(methods)), methods, rotation=20)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
