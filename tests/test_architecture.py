@@ -81,3 +81,16 @@ def test_the_base_imports_nothing_above_it():
     for name in BASE - {"__init__"}:
         targets = [t for _line, t in imported(PACKAGE / f"{name}.py")]
         assert all(layer_of(t) == "base" for t in targets), (name, targets)
+
+
+def test_method_configs_are_abstract_or_final():
+    """No config of the method table subclasses another one (shared fields live in an
+    abstract base such as ParticleConfig), and each names its own table entry."""
+    import diverse
+
+    table = {spec.config for spec in diverse.METHODS.values()}
+    for name, spec in diverse.METHODS.items():
+        assert not (set(spec.config.__mro__[1:]) & table), spec.config.__name__
+        assert isinstance(spec.config(), diverse.MethodConfig)
+        if name not in ("f-svgd", "f-wgd"):  # (they share SVGDConfig / WGDConfig by name)
+            assert spec.config().name == name

@@ -61,8 +61,9 @@ OUTPUT = "output"
 
 
 @dataclass(frozen=True)
-class HECKAConfig:
-    """``[method] name = "he-cka"``: an ensemble with HE-CKA feature repulsion.
+class FeatureDiversityConfig:
+    """The fields the HE-CKA family shares (abstract: :class:`HECKAConfig`,
+    :class:`SVGDCKAConfig` and :class:`HyperHECKAConfig` are the configs).
 
     Defaults are the reference's LeNet / Dirty-MNIST settings
     (``configs/mnist/ens+ood/he-cossim.yml``).
@@ -91,7 +92,7 @@ class HECKAConfig:
         outlier_pool: training images kept as sources for transformed outliers (2048).
     """
 
-    name: str = "he-cka"
+    name: str = ""
     gamma: float = 0.25
     kernel: str = "cosine"
     centering: str = "standard"
@@ -125,7 +126,15 @@ class HECKAConfig:
 
 
 @dataclass(frozen=True)
-class HyperHECKAConfig(HECKAConfig):
+class HECKAConfig(FeatureDiversityConfig):
+    """``[method] name = "he-cka"``: an ensemble with HE-CKA feature repulsion (the
+    :class:`FeatureDiversityConfig` fields)."""
+
+    name: str = "he-cka"
+
+
+@dataclass(frozen=True)
+class HyperHECKAConfig(FeatureDiversityConfig):
     """``[method] name = "hyper-he-cka"``: the HE-CKA fields plus the hypernetwork's.
 
     ``[ensemble] members`` is the number of networks generated per training step.
@@ -161,7 +170,7 @@ class HyperHECKAConfig(HECKAConfig):
 
 
 @dataclass(frozen=True)
-class SVGDCKAConfig(HECKAConfig):
+class SVGDCKAConfig(FeatureDiversityConfig):
     """``[method] name = "svgd-cka"``: the HE-CKA fields (no outliers) plus
 
     Fields:
@@ -189,7 +198,8 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 # ------------------------------------------------------------------ the pieces
-def resolve_layers(cfg: HECKAConfig, module: nn.Module) -> tuple[tuple[str, ...], list[float]]:
+def resolve_layers(cfg: FeatureDiversityConfig, module: nn.Module
+                   ) -> tuple[tuple[str, ...], list[float]]:
     """The compared layers and their weights (validated against the model)."""
     names = dict(module.named_modules())
     if not cfg.layers and not getattr(module, "feature_layers", ()):
@@ -207,7 +217,8 @@ def resolve_layers(cfg: HECKAConfig, module: nn.Module) -> tuple[tuple[str, ...]
     return layers, he.layer_weights(len(layers), schedule)
 
 
-def layer_resolver(cfg: HECKAConfig) -> Callable[[nn.Module], tuple[tuple[str, ...], list[float]]]:
+def layer_resolver(cfg: FeatureDiversityConfig
+                   ) -> Callable[[nn.Module], tuple[tuple[str, ...], list[float]]]:
     """:func:`resolve_layers` on the first call, remembered afterwards."""
     memo: list[tuple[tuple[str, ...], list[float]]] = []
 
@@ -219,7 +230,7 @@ def layer_resolver(cfg: HECKAConfig) -> Callable[[nn.Module], tuple[tuple[str, .
     return layers_of
 
 
-def energy_options(cfg: HECKAConfig) -> dict[str, Any]:
+def energy_options(cfg: FeatureDiversityConfig) -> dict[str, Any]:
     return {"kernel": cfg.kernel, "centering": cfg.centering, "s": cfg.s,
             "energy": cfg.energy, "eps": cfg.eps, "eps_arc": cfg.eps_arc}
 
@@ -237,7 +248,7 @@ def mean_softmax_entropy(logits: Tensor) -> Tensor:
 
 
 def energy_matrix(features: dict[str, Tensor], weights: Sequence[float],
-                  cfg: HECKAConfig) -> Tensor:
+                  cfg: FeatureDiversityConfig) -> Tensor:
     """K_mn = Σ_l w_l E(θ_mn,l), ``(M, M)``, with θ_mn's gradient reaching m only.
 
     ``⟨k̂_m, k̂_n⟩`` is computed as ``k̂_m · stop_grad(k̂_n)`` (the reference's
@@ -264,7 +275,7 @@ class OutlierSource:
     loop reseeds every epoch, so a resumed run sees the same outliers.
     """
 
-    def __init__(self, cfg: HECKAConfig, data: TrainingData | None) -> None:
+    def __init__(self, cfg: FeatureDiversityConfig, data: TrainingData | None) -> None:
         if data is None:
             raise UserError(f"[method] outliers = {cfg.outliers}: synthetic outliers are drawn "
                             "from training images; give the training data (TrainingData)")
@@ -287,7 +298,7 @@ class OutlierSource:
         return normalize(raw, self.mean, self.std).to(device)
 
 
-def diversity_loss(cfg: HECKAConfig, step: Step, out: Tensor, feats: dict[str, Tensor],
+def diversity_loss(cfg: FeatureDiversityConfig, step: Step, out: Tensor, feats: dict[str, Tensor],
                    layers: Sequence[str], weights: Sequence[float],
                    n_in: int) -> tuple[Tensor, dict[str, float]]:
     """w_t γ HE(inliers) [+ β_ood (−H) + w_t γ_ood HE(outliers)], a scalar, and logs."""
@@ -319,7 +330,7 @@ def _disagreement(logits: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------ the methods
-def build_he_cka(cfg: HECKAConfig, data: TrainingData | None = None
+def build_he_cka(cfg: FeatureDiversityConfig, data: TrainingData | None = None
                  ) -> Callable[[Step], StepResult]:
     """HE-CKA ensemble (with synthetic outliers when ``outliers > 0``)."""
     source = OutlierSource(cfg, data) if cfg.outliers else None
@@ -385,7 +396,7 @@ def wrap_hypernetwork(cfg: HyperHECKAConfig, target: nn.Module, members: int,
     return HyperNetwork(target, hyper_config(cfg, members, seed))
 
 
-def build_hyper_he_cka(cfg: HECKAConfig, data: TrainingData | None = None
+def build_hyper_he_cka(cfg: FeatureDiversityConfig, data: TrainingData | None = None
                        ) -> Callable[[Step], StepResult]:
     """Hypernetwork trained with the HE-CKA loss on the members it generates.
 

@@ -63,8 +63,9 @@ REPULSION_SCALES = ("n", "batch")
 
 
 @dataclass(frozen=True)
-class SVGDConfig:
-    """``[method] name = "svgd"`` (weight space) or ``"f-svgd"`` (function space).
+class ParticleConfig:
+    """The fields every particle method shares (abstract: :class:`SVGDConfig` and
+    :class:`WGDConfig` are the configs).
 
     Fields:
         kernel: ``"rbf" | "laplace" | "imq"`` (default rbf).
@@ -98,7 +99,7 @@ class SVGDConfig:
             (:func:`lora_delta_update`).
     """
 
-    name: str = "svgd"
+    name: str = ""
     kernel: str = "rbf"
     bandwidth: str = "median"
     bandwidth_value: float = 1.0
@@ -119,8 +120,16 @@ class SVGDConfig:
 
 
 @dataclass(frozen=True)
-class WGDConfig(SVGDConfig):
-    """``[method] name = "wgd"`` or ``"f-wgd"``: the SVGD fields plus
+class SVGDConfig(ParticleConfig):
+    """``[method] name = "svgd"`` (weight space) or ``"f-svgd"`` (function space): the
+    :class:`ParticleConfig` fields."""
+
+    name: str = "svgd"
+
+
+@dataclass(frozen=True)
+class WGDConfig(ParticleConfig):
+    """``[method] name = "wgd"`` or ``"f-wgd"``: the :class:`ParticleConfig` fields plus
 
     Fields:
         estimator: score estimator of the particle density: ``"kde" | "sge" |
@@ -134,8 +143,16 @@ class WGDConfig(SVGDConfig):
     eta: float = 0.01
     num_eigen: int = 0
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.estimator not in scores.SCORE_ESTIMATORS:
+            raise UserError(f"[method] estimator = {self.estimator!r}: allowed "
+                            f"{', '.join(scores.SCORE_ESTIMATORS)}")
+        if self.estimator == "ssge" and self.kernel != "rbf":
+            raise UserError(f"[method] kernel = {self.kernel!r}: SSGE needs kernel = 'rbf'")
 
-def _check(cfg: SVGDConfig) -> None:
+
+def _check(cfg: ParticleConfig) -> None:
     def choice(key: str, allowed: tuple[str, ...]) -> None:
         value = getattr(cfg, key)
         if value not in allowed:
@@ -148,10 +165,6 @@ def _check(cfg: SVGDConfig) -> None:
     choice("output", ("softmax", "logits"))
     choice("context_source", ("train", "box"))
     choice("lora_space", ("factors", "delta"))
-    if isinstance(cfg, WGDConfig):
-        choice("estimator", tuple(scores.SCORE_ESTIMATORS))
-        if cfg.estimator == "ssge" and cfg.kernel != "rbf":
-            raise UserError(f"[method] kernel = {cfg.kernel!r}: SSGE needs kernel = 'rbf'")
     if cfg.bandwidth == "fixed" and not cfg.bandwidth_value > 0:
         raise UserError(f"[method] bandwidth_value = {cfg.bandwidth_value}: must be > 0")
     for key in ("fgsm_epsilon", "context_points", "prior_samples"):
@@ -159,7 +172,7 @@ def _check(cfg: SVGDConfig) -> None:
             raise UserError(f"[method] {key} = {getattr(cfg, key)}: must be >= 0")
 
 
-def bandwidth_of(cfg: SVGDConfig) -> kernels.Bandwidth:
+def bandwidth_of(cfg: ParticleConfig) -> kernels.Bandwidth:
     return cfg.bandwidth_value if cfg.bandwidth == "fixed" else BANDWIDTHS[cfg.bandwidth]
 
 
@@ -211,7 +224,7 @@ def wgd_interaction(cfg: WGDConfig) -> Interactor:
     return interaction
 
 
-def svgd_interaction(cfg: SVGDConfig) -> Interactor:
+def svgd_interaction(cfg: ParticleConfig) -> Interactor:
     """φ_i = (1/M) Σ_j [a·k(z_j, z_i) d_j + c·∇_{z_j} k(z_j, z_i)]."""
     h = bandwidth_of(cfg)
 
@@ -244,7 +257,7 @@ def wgd_direction(cfg: WGDConfig) -> Repulsion:
     return on_points(wgd_interaction(cfg))
 
 
-def svgd_direction(cfg: SVGDConfig) -> Repulsion:
+def svgd_direction(cfg: ParticleConfig) -> Repulsion:
     return on_points(svgd_interaction(cfg))
 
 
@@ -336,7 +349,7 @@ def _disagreement(outputs: Tensor, step: Step) -> dict[str, Tensor]:
 
 
 # ---------------------------------------------------------------- the updates
-def weight_space(cfg: SVGDConfig, interactor: Interactor) -> Callable[[Step], StepResult]:
+def weight_space(cfg: ParticleConfig, interactor: Interactor) -> Callable[[Step], StepResult]:
     """A weight-space particle update: the particles are the members' weights.
 
     The interaction is computed on the stacked parameter leaves: squared distances
@@ -488,7 +501,7 @@ def prior_draws(params: Params, count: int, std: float,
     return draws
 
 
-def function_space(cfg: SVGDConfig, direction: Repulsion,
+def function_space(cfg: ParticleConfig, direction: Repulsion,
                    x_pool: Tensor | None = None) -> Callable[[Step], StepResult]:
     """A function-space particle update, pulled back to the weights by a VJP."""
     draw_buffers: dict[str, Tensor] = {}  # the prior draws' storage, reused every step
@@ -530,7 +543,7 @@ def function_space(cfg: SVGDConfig, direction: Repulsion,
 CONTEXT_POOL = 10_000
 
 
-def context_pool(cfg: SVGDConfig, data: TrainingData | None) -> Tensor | None:
+def context_pool(cfg: ParticleConfig, data: TrainingData | None) -> Tensor | None:
     """The inputs context points are drawn from: all training inputs of a tensor, the
     first :data:`CONTEXT_POOL` of a stream, None without data or context points."""
     if data is None or cfg.context_points <= 0:
@@ -540,7 +553,7 @@ def context_pool(cfg: SVGDConfig, data: TrainingData | None) -> Tensor | None:
     return data.head(CONTEXT_POOL) if data.batches is not None else None
 
 
-def context_inputs(cfg: SVGDConfig, x_pool: Tensor) -> Tensor:
+def context_inputs(cfg: ParticleConfig, x_pool: Tensor) -> Tensor:
     """``cfg.context_points`` inputs from the training pool or its widened box."""
     if cfg.context_source == "train":
         return x_pool[torch.randint(0, len(x_pool), (cfg.context_points,))]
@@ -551,7 +564,7 @@ def context_inputs(cfg: SVGDConfig, x_pool: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def _function_prior_score(cfg: SVGDConfig, step: Step, x: Tensor, f: Tensor,
+def _function_prior_score(cfg: ParticleConfig, step: Step, x: Tensor, f: Tensor,
                           buffers_for_draws: dict[str, Tensor] | None = None) -> Tensor | None:
     """SSGE estimate of ∇_f log p_prior(f) at the particles ``f (M, B'·C)``, from prior draws.
 
