@@ -304,6 +304,19 @@ def interaction_logs(driving_norms: Tensor, repulsion_norms: Tensor) -> dict[str
             "driving_over_repulsion": dn / rn.clamp_min(1e-30)}
 
 
+def member_diagnostics(outputs: Tensor, likelihood: Likelihood | None = None
+                       ) -> dict[str, Tensor]:
+    """The members' diversity on a batch, the one diagnostic every interacting method logs:
+    ``disagreement``, the mean pairwise disagreement of the members' predicted classes
+    (:func:`diverse.metrics.disagreement`) — comparable with ``diverse evaluate``'s
+    figure. ``outputs``: logits ``(M, B, C)`` (all members'); ``{}`` for regression."""
+    if likelihood is not None and likelihood.task != "classification":
+        return {}
+    from diverse.metrics import disagreement
+
+    return {"disagreement": disagreement(outputs.detach().softmax(-1)).mean()}
+
+
 def negative_log_posterior(step: Step, params: Params) -> tuple[Tensor, Tensor]:
     """Per-member −log p(w_m | batch)/N, ``(M,)``, and the outputs ``(M, B, K)``.
 

@@ -40,7 +40,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diverse import metrics
 from diverse.data.datasets import normalize
 from diverse.data.outliers import OutlierConfig, synthetic_outliers
 from diverse.errors import UserError
@@ -51,6 +50,7 @@ from diverse.methods.base import (
     StepResult,
     TrainingData,
     interaction_logs,
+    member_diagnostics,
     member_gradients,
 )
 from diverse.nets.ensemble import Params, flatten_params, unflatten_params
@@ -322,13 +322,6 @@ def _features(step: Step, params: Params, x: Tensor,
     return step.ensemble.features(x, modules, params=params)
 
 
-def _disagreement(logits: Tensor) -> Tensor:
-    """``diag_disagreement``: the mean pairwise disagreement of the members'
-    predicted classes on the batch (:func:`diverse.metrics.disagreement`), the same
-    quantity the particle methods log (a 0-dim tensor: no host read)."""
-    return metrics.disagreement(logits.detach().softmax(-1)).mean()
-
-
 # ------------------------------------------------------------------ the methods
 def build_he_cka(cfg: FeatureDiversityConfig, data: TrainingData | None = None
                  ) -> Callable[[Step], StepResult]:
@@ -345,7 +338,7 @@ def build_he_cka(cfg: FeatureDiversityConfig, data: TrainingData | None = None
         loss = step.target.loss(out[:, :n_in], step.y, params)
         diversity, logs = diversity_loss(cfg, step, out, feats, layers, weights, n_in)
         grads = member_gradients(loss.sum() + ens.members * diversity, params)
-        logs["disagreement"] = _disagreement(out[:, :n_in])
+        logs.update(member_diagnostics(out[:, :n_in]))
         return StepResult(loss=loss.detach(), outputs=out[:, :n_in].detach(), grads=grads,
                           logs=logs)
 
@@ -374,7 +367,7 @@ def build_svgd_cka(cfg: SVGDCKAConfig, data: TrainingData | None = None
         off = ~torch.eye(m, dtype=torch.bool, device=k.device)
         logs = {"kernel_mean": k.detach()[off].mean() if m > 1 else 0.0,
                 **interaction_logs(driving.norm(dim=-1), repulsion.norm(dim=-1)),
-                "disagreement": _disagreement(out)}
+                **member_diagnostics(out)}
         return StepResult(loss=loss.detach(), outputs=out.detach(),
                           grads=unflatten_params(-phi, params), logs=logs)
 
@@ -424,7 +417,7 @@ def build_hyper_he_cka(cfg: FeatureDiversityConfig, data: TrainingData | None = 
         loss = step.target.loss(out[:, :n_in], step.y, generated)
         diversity, logs = diversity_loss(cfg, step, out, feats, layers, weights, n_in)
         grads = member_gradients(loss.sum() + k * diversity, ens.params)
-        logs["disagreement"] = _disagreement(out[:, :n_in])
+        logs.update(member_diagnostics(out[:, :n_in]))
         return StepResult(loss=loss.detach(), outputs=out[:, :n_in].detach(), grads=grads,
                           logs=logs)
 

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 
 import torch
 
-from diverse import metrics
 from diverse.errors import UserError
 from diverse.math import kernels
 from diverse.math.annealing import ANNEALINGS
@@ -43,6 +42,7 @@ from diverse.methods.base import (
     TrainingData,
     interaction_logs,
     interaction_scales,
+    member_diagnostics,
     member_gradients,
     require_classification,
 )
@@ -266,8 +266,8 @@ def build_forde(cfg: FoRDEConfig, data: TrainingData | None = None
             logs.update(interaction_logs(norms[:, 0], norms[:, 1]))
         else:  # one backward of the sum
             grads = member_gradients(a * loss.sum() + repulsion, params)
-        probs = step.comm.gather(outputs.detach()).softmax(-1)
-        logs.update(anneal=a, disagreement=metrics.disagreement(probs).mean())
+        logs.update(member_diagnostics(step.comm.gather(outputs.detach()), step.likelihood),
+                    anneal=a)
         return StepResult(loss=loss.detach(), outputs=outputs.detach(), grads=grads, logs=logs)
 
     return update

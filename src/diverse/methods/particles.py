@@ -37,7 +37,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diverse import metrics
 from diverse.errors import UserError
 from diverse.math import kernels, scores
 from diverse.math.annealing import ANNEALINGS
@@ -47,6 +46,7 @@ from diverse.methods.base import (
     TrainingData,
     interaction_logs,
     interaction_scales,
+    member_diagnostics,
     member_gradients,
 )
 from diverse.methods.spaces import function_embedding
@@ -342,12 +342,6 @@ def adversarial_nll(step: Step, params: Params, epsilon: float) -> Tensor:
     return step.target.nll(out, step.y)
 
 
-def _disagreement(outputs: Tensor, step: Step) -> dict[str, Tensor]:
-    if step.likelihood.task != "classification":
-        return {}
-    return {"disagreement": metrics.disagreement(outputs.detach().softmax(-1)).mean()}
-
-
 # ---------------------------------------------------------------- the updates
 def weight_space(cfg: ParticleConfig, interactor: Interactor) -> Callable[[Step], StepResult]:
     """A weight-space particle update: the particles are the members' weights.
@@ -370,7 +364,7 @@ def weight_space(cfg: ParticleConfig, interactor: Interactor) -> Callable[[Step]
             update_grads, logs = lora_delta_update(
                 interactor, lora_pairs(step.ensemble), grads,
                 {k: v.detach() for k, v in params.items()}, a, c)
-            logs.update(_disagreement(outputs.detach(), step), anneal=a)
+            logs.update(member_diagnostics(outputs.detach(), step.likelihood), anneal=a)
             return StepResult(loss=loss.detach(), outputs=outputs.detach(), grads=update_grads,
                               logs=logs)
         comm = step.comm  # sharded: the interaction of all M particles, this rank's rows kept
@@ -381,7 +375,7 @@ def weight_space(cfg: ParticleConfig, interactor: Interactor) -> Callable[[Step]
         all_grads = gather_leaves(comm, grads) if mixes else None
         update_grads, driving = leaf_update(it, grads, leaves, all_grads, comm)
         logs = _diagnostics(it, comm.gather(driving), repulsion_norms(it, gram))
-        logs.update(_disagreement(comm.gather(outputs.detach()), step), anneal=a)
+        logs.update(member_diagnostics(comm.gather(outputs.detach()), step.likelihood), anneal=a)
         return StepResult(loss=loss.detach(), outputs=outputs.detach(), grads=update_grads,
                           logs=logs)
 
@@ -532,7 +526,8 @@ def function_space(cfg: ParticleConfig, direction: Repulsion,
         if cfg.fgsm_epsilon > 0:
             extra = member_gradients(a * adv.sum(), params)
             grads = {k: g + extra[k] for k, g in grads.items()}
-        logs.update(_disagreement(comm.gather(outputs[:, :b].detach()), step), anneal=a)
+        logs.update(member_diagnostics(comm.gather(outputs[:, :b].detach()), step.likelihood),
+                    anneal=a)
         return StepResult(loss=(nll + adv).detach(), outputs=outputs[:, :b].detach(),
                           grads=grads, logs=logs)
 
