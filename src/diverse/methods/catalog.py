@@ -87,7 +87,8 @@ HETEROGENEOUS = "heterogeneous"
 THROUGH_FUNCTIONS: tuple[str, ...] = (*FORMS, HETEROGENEOUS)
 ModelWrapper = Callable[[Any, nn.Module, int, int], nn.Module]  # (cfg, module, members, seed)
 Finalizer = Callable[[Any, Ensemble, Finish], Samples]
-Prediction = Literal["members", "monte-carlo", "weight-samples"]
+#: how a method predicts (``MethodSpec.prediction``); :class:`diverse.Prediction` is a result
+PredictionKind = Literal["members", "monte-carlo", "weight-samples"]
 
 
 class MethodSpec(NamedTuple):
@@ -127,7 +128,7 @@ class MethodSpec(NamedTuple):
     wrap_model: ModelWrapper | None = None
     finalize: Finalizer | None = None
     generator: bool = False
-    prediction: Prediction = "members"
+    prediction: PredictionKind = "members"
     sampler: bool = False
     shardable: bool = False
     function_space: bool = False
