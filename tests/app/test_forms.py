@@ -391,3 +391,24 @@ def test_lora_members_of_a_transformers_model_train_and_load(tmp_path):
     here = predict_trained(method, Categorical(), ens, None, ids)["probs"]
     loaded = diverse.load(tmp_path)
     torch.testing.assert_close(loaded.predict(ids.numpy()).probs, here, rtol=0, atol=1e-6)
+
+
+def test_lora_modules_to_save_match_whole_module_names():
+    """peft matches modules_to_save by name suffix: "out" would also match LoRA's own
+    "fc.lora_dropout" (a ModuleDict peft then refuses); diverse passes whole names."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.out = nn.Linear(64, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.fc(x.flatten(1))))
+
+    ens = diverse.Ensemble(Net, 2, members_as=LoRA(rank=2, target_modules=("fc",),
+                                                   modules_to_save=("out",)))
+    assert any(".out.modules_to_save." in k for k in ens.params)
+    assert not any("dropout" in k for k in ens.params)
+    with pytest.raises(UserError, match="modules_to_save: 'head' is not a module"):
+        diverse.Ensemble(Net, 2, members_as=LoRA(rank=2, target_modules=("fc",),
+                                                 modules_to_save=("head",)))

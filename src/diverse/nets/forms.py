@@ -234,17 +234,24 @@ class LoRA(MemberForm):
 
         if isinstance(module, peft.PeftModel):
             return module
+        named = dict(module.named_modules())
+        unknown = [n for n in self.modules_to_save if n not in named]
+        if unknown:
+            raise UserError(f"[ensemble] modules_to_save: {unknown[0]!r} is not a module of the "
+                            f"model; modules: {', '.join(n for n in named if n)}")
+        # peft matches modules_to_save by a plain suffix of the module's name, so "out" would
+        # also match its own "fc1.lora_dropout": a leading dot keeps the match to whole names
         config = self.config or peft.LoraConfig(
             r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
             target_modules=list(self.target_modules),
-            modules_to_save=list(self.modules_to_save) or None)
+            modules_to_save=["." + n for n in self.modules_to_save] or None)
         try:
             with warnings.catch_warnings():
                 # peft reads transformers' deprecated is_gradient_checkpointing (transformers 5)
                 warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated",
                                         FutureWarning)
                 return peft.get_peft_model(module, config)
-        except ValueError as err:  # peft: target modules not found, unsupported layer
+        except (ValueError, TypeError) as err:  # peft: modules not found, unsupported layer
             raise UserError(f"[ensemble] lora: {str(err).splitlines()[0]}") from None
 
     def describe(self) -> dict[str, Any]:
