@@ -384,6 +384,7 @@ def test_lora_members_of_a_transformers_model_train_and_load(tmp_path):
                 modules_to_save=("classifier",))
     ens = method.ensemble(tiny_bert, 3, seed=1, members_as=form)
     assert all("lora_" in k or "classifier" in k for k in ens.params)
+    assert any("classifier" in k for k in ens.params)  # the new head, per member
     result = diverse.fit(ens, method, batches, n_train=N,
                          train=diverse.TrainConfig(epochs=2, lr=0.01, seed=0),
                          run_dir=tmp_path, show_progress=False)
@@ -395,7 +396,7 @@ def test_lora_members_of_a_transformers_model_train_and_load(tmp_path):
 
 def test_lora_modules_to_save_match_whole_module_names():
     """peft matches modules_to_save by name suffix: "out" would also match LoRA's own
-    "fc.lora_dropout" (a ModuleDict peft then refuses); diverse passes whole names."""
+    "fc.lora_dropout" (a ModuleDict peft then refuses); diverse unfreezes whole modules."""
 
     class Net(nn.Module):
         def __init__(self) -> None:
@@ -407,7 +408,7 @@ def test_lora_modules_to_save_match_whole_module_names():
 
     ens = diverse.Ensemble(Net, 2, members_as=LoRA(rank=2, target_modules=("fc",),
                                                    modules_to_save=("out",)))
-    assert any(".out.modules_to_save." in k for k in ens.params)
+    assert "base_model.model.out.weight" in ens.params
     assert not any("dropout" in k for k in ens.params)
     with pytest.raises(UserError, match="modules_to_save: 'head' is not a module"):
         diverse.Ensemble(Net, 2, members_as=LoRA(rank=2, target_modules=("fc",),

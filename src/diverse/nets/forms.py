@@ -239,20 +239,23 @@ class LoRA(MemberForm):
         if unknown:
             raise UserError(f"[ensemble] modules_to_save: {unknown[0]!r} is not a module of the "
                             f"model; modules: {', '.join(n for n in named if n)}")
-        # peft matches modules_to_save by a plain suffix of the module's name, so "out" would
-        # also match its own "fc1.lora_dropout": a leading dot keeps the match to whole names
+        # modules_to_save are trained per member by unfreezing them here, not by peft's
+        # wrapper: peft matches them by a plain suffix of module names, so "out" would also
+        # hit its own "fc1.lora_dropout"; and every member holds its own copy anyway
         config = self.config or peft.LoraConfig(
             r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
-            target_modules=list(self.target_modules),
-            modules_to_save=["." + n for n in self.modules_to_save] or None)
+            target_modules=list(self.target_modules))
         try:
             with warnings.catch_warnings():
                 # peft reads transformers' deprecated is_gradient_checkpointing (transformers 5)
                 warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated",
                                         FutureWarning)
-                return peft.get_peft_model(module, config)
+                adapted = peft.get_peft_model(module, config)
         except (ValueError, TypeError) as err:  # peft: modules not found, unsupported layer
             raise UserError(f"[ensemble] lora: {str(err).splitlines()[0]}") from None
+        for name in self.modules_to_save:
+            adapted.get_base_model().get_submodule(name).requires_grad_(True)
+        return adapted
 
     def describe(self) -> dict[str, Any]:
         if self.config is None:
@@ -276,11 +279,15 @@ class LoRA(MemberForm):
                 for adapter in module.lora_A:
                     init = template.peft_config[adapter].init_lora_weights  # type: ignore
                     module.reset_lora_parameters(adapter, init)
-            elif isinstance(module, ModulesToSaveWrapper):
+            elif isinstance(module, ModulesToSaveWrapper):  # a user's own LoraConfig's
                 for copy_ in module.modules_to_save.values():
                     for m in copy_.modules():
                         if hasattr(m, "reset_parameters"):
                             m.reset_parameters()
+        for name in self.modules_to_save:  # the form's own: new heads per member
+            for m in template.get_base_model().get_submodule(name).modules():  # type: ignore
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
 
 
 @dataclass(frozen=True)
