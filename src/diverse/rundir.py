@@ -3,9 +3,10 @@
 A run directory holds
 
 * ``config.toml`` — the resolved config of a CLI run (:data:`CONFIG`);
-* ``model.json`` and ``data.json`` — what :func:`diverse.load` rebuilds a run from: the
-  method, members, form and factory of a Python-API run, and the input shape, outputs and
-  normalization (:data:`MODEL`, :data:`DATA`);
+* ``model.json`` and ``data.json`` — what :func:`diverse.load` rebuilds every run from:
+  the method, members, seed, form and likelihood, then the factory (a Python-API run) or
+  the ``[model]`` section and precision (a CLI run, written with its ``config.toml``), and
+  the input shape, outputs and normalization (:data:`MODEL`, :data:`DATA`);
 * ``checkpoints/`` — atomic safetensors + JSON checkpoints (:mod:`diverse.checkpoint`);
 * ``samples/`` — a Bayesian baseline's weight samples (:mod:`diverse.nets.samples`);
 * ``metrics.json``, ``predictions.npz`` — the evaluation (:data:`METRICS`,

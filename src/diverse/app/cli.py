@@ -168,8 +168,8 @@ def conformal_summary(figures: dict, alphas: Sequence[float]) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from diverse.app.config import config_to_toml, load_config
-    from diverse.app.train import build_run, train
+    from diverse.app.config import load_config
+    from diverse.app.train import build_run, train, write_run_config
 
     world = os.environ.get("WORLD_SIZE", "1")
     if world not in ("", "1"):
@@ -203,7 +203,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        rundir.write_text(run_dir, rundir.CONFIG, config_to_toml(cfg))
+        write_run_config(run_dir, cfg)
         train(run, run_dir, show_progress=not args.quiet)
     except (UserError, DivergenceError):
         # nothing to resume from: leave no folder behind that would block a rerun
@@ -215,7 +215,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from diverse.app.config import load_config, replace
-    from diverse.app.train import load_trained
+    from diverse.app.train import load_trained, write_run_config
 
     run_dir = Path(args.run_dir)
     if not rundir.has(run_dir, rundir.CONFIG):
@@ -253,12 +253,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         cfg = replace(cfg, "method", predict_members=args.predict_members)
     run = load_trained(run_dir, cfg)
     if args.predict_members is not None:
-        from diverse.app.config import config_to_toml
 
         saved = load_config(rundir.path(run_dir, rundir.CONFIG))  # the rest stays as saved
         rundir.remove(run_dir, rundir.METRICS)  # never metrics of another K
-        rundir.write_text(run_dir, rundir.CONFIG, config_to_toml(
-            replace(saved, "method", predict_members=args.predict_members)))
+        write_run_config(run_dir, replace(saved, "method",
+                                          predict_members=args.predict_members))
     _finish(run, run_dir, args.quiet, args.ood, args.shift_examples if args.shift else 0,
             args.conformal, raps)
 

@@ -57,7 +57,7 @@ def run_to_completion(cfg: Config, run_dir: Path, finish: Callable[[Any, Path], 
     (e.g. an OOD set added to ``[data] ood``) is evaluated again, not
     retrained; any other difference is refused.
     """
-    from diverse.app.train import build_run, load_trained, train
+    from diverse.app.train import build_run, load_trained, train, write_run_config
 
     saved = rundir.path(run_dir, rundir.CONFIG)
     # compared as resolved configs: keys added to the package since (with their
@@ -82,7 +82,7 @@ def run_to_completion(cfg: Config, run_dir: Path, finish: Callable[[Any, Path], 
     resume = (run_dir / "checkpoints" / "latest.json").is_file()
     if not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
-        rundir.write_text(run_dir, rundir.CONFIG, config_to_toml(cfg))
+        write_run_config(run_dir, cfg)
     train(run, run_dir, resume=resume, show_progress=show_progress)
     finish(run, run_dir)
     return "resumed" if resume else "trained"

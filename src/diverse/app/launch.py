@@ -39,8 +39,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from diverse.app.config import config_to_toml, load_config
-    from diverse.app.train import build_run, resolve_device, train
+    from diverse.app.config import load_config
+    from diverse.app.train import build_run, resolve_device, train, write_run_config
     from diverse.nets import distributed
 
     if args.resume:
@@ -67,7 +67,7 @@ def _run(args: argparse.Namespace) -> int:
                        f"or continue it with --resume {run_dir}")
         else:
             run_dir.mkdir(parents=True, exist_ok=True)
-            rundir.write_text(run_dir, rundir.CONFIG, config_to_toml(cfg))
+            write_run_config(run_dir, cfg)
     problem = comm.broadcast_object(problem)
     if problem:
         raise UserError(problem)

@@ -17,7 +17,6 @@ Monte Carlo seed).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from diverse.evaluation.posthoc import Calibration, load_calibration, regression
 from diverse.math import calibration as temperature
 from diverse.methods.catalog import METHODS, Method
 from diverse.metrics.conformal import RANDOM_SEED, prediction_sets
+from diverse.nets.ensemble import EXECUTIONS
 from diverse.nets.forms import form_from_record
 from diverse.nets.heterogeneous import Heterogeneous
 from diverse.nets.likelihoods import LikelihoodConfig, build_likelihood
@@ -115,55 +115,63 @@ class Predictor:
     def __init__(self, run_dir: Path, device: torch.device | str = "cpu",
                  factory: Callable[[], nn.Module] | None = None) -> None:
         from diverse.app.config import from_mapping, load_config
-        from diverse.app.train import build_ensemble, predict_trained
+        from diverse.app.train import model_description, predict_trained
+        from diverse.nets import precision
+        from diverse.nets.models import MODELS, build_model
 
         self.run_dir = Path(run_dir)
-        api = (self.run_dir / MODEL_FILE).is_file()
-        if not rundir.has(self.run_dir, rundir.CONFIG) and not api:
+        described = rundir.has(self.run_dir, rundir.MODEL)
+        configured = rundir.has(self.run_dir, rundir.CONFIG)
+        if not (described or configured):
             raise UserError(f"{str(self.run_dir)!r} is not a run directory (no config.toml or "
                             f"{MODEL_FILE})")
         if not (self.run_dir / "checkpoints" / "latest.json").is_file():
             raise UserError(f"{str(self.run_dir)!r} has no checkpoint yet: train it first")
         self.device = torch.device(device)
-        #: the run trained on integer inputs (token ids): ``prepare`` keeps them int64
-        self.integer_inputs = False
-        if api:  # trained through diverse.fit: the user's factory rebuilds the members
-            spec = read_data_spec(self.run_dir)
-            assert spec is not None  # written with model.json
-            self.data = spec
-            self.cfg = None
-            saved = json.loads((self.run_dir / MODEL_FILE).read_text())
-            self.likelihood = build_likelihood(LikelihoodConfig(**saved["likelihood"]))
-            name = saved["method"]["name"]
-            if name not in METHODS:
-                raise UserError(f"{self.run_dir}: unknown method {name!r} in {MODEL_FILE}")
-            config = from_mapping(METHODS[name].config, saved["method"], "[method]")
-            self.method = Method(config, for_training=False)
-            if factory is not None:
-                build = factory
-            elif saved.get("groups"):  # heterogeneous: every group's factory
-                build = Heterogeneous([(import_factory(g, self.run_dir), int(g["members"]))
-                                       for g in saved["groups"]])
-            else:
-                build = import_factory(saved, self.run_dir)
-            self.ensemble = self.method.ensemble(
-                build, int(saved["members"]), seed=int(saved["seed"]), device=self.device,
-                members_as=form_from_record(saved.get("members_as")))
-            self.members = int(saved["members"])
-            self.integer_inputs = saved.get("input_dtype", "float32").startswith("int")
-        else:
-            if factory is not None:
-                raise UserError("factory= is for runs trained through diverse.fit; a CLI run "
-                                "builds its model from config.toml")
-            self.cfg = load_config(rundir.path(self.run_dir, rundir.CONFIG))
-            spec = read_data_spec(self.run_dir)
-            self.data = spec if spec is not None else data_spec(load_dataset(self.cfg.data))
-            self.likelihood = build_likelihood(self.cfg.likelihood)
+        #: a CLI run's resolved config (None for a run trained through diverse.fit)
+        self.cfg = load_config(rundir.path(self.run_dir, rundir.CONFIG)) if configured else None
+        if factory is not None and self.cfg is not None:
+            raise UserError("factory= is for runs trained through diverse.fit; a CLI run "
+                            "builds its model from config.toml")
+        # one description for every run: model.json (a CLI run written before it had one:
+        # the same description, from its config.toml)
+        saved = (rundir.read_json(self.run_dir, rundir.MODEL) if described
+                 else model_description(self.cfg))  # type: ignore[arg-type]
+        spec = read_data_spec(self.run_dir)
+        if spec is None:  # only a CLI run can lack data.json: its data set says it
+            spec = data_spec(load_dataset(self.cfg.data))  # type: ignore[union-attr]
+        self.data = spec
+        self.likelihood = build_likelihood(LikelihoodConfig(**saved["likelihood"]))
+        name = saved["method"]["name"]
+        if name not in METHODS:
+            raise UserError(f"{self.run_dir}: unknown method {name!r} in {MODEL_FILE}")
+        config = from_mapping(METHODS[name].config, saved["method"], "[method]")
+        self.method = Method(config, for_training=False)
+        if factory is not None:
+            build = factory
+        elif saved.get("model"):  # a model of the registry ([model] of a CLI run)
+            model_cfg = from_mapping(MODELS[saved["model"]["name"]][0], saved["model"],
+                                     "[model]")
             outputs = self.likelihood.outputs_per_target(self.data.num_outputs)
-            self.method = Method(self.cfg.method, for_training=False)
-            self.ensemble = build_ensemble(self.cfg, self.data.input_shape, outputs,
-                                           self.device, method=self.method)
-            self.members = self.cfg.ensemble.members
+
+            def build() -> nn.Module:
+                return build_model(model_cfg, self.data.input_shape, outputs)
+        elif saved.get("groups"):  # heterogeneous: every group's factory
+            build = Heterogeneous([(import_factory(g, self.run_dir), int(g["members"]))
+                                   for g in saved["groups"]])
+        else:
+            build = import_factory(saved, self.run_dir)
+        self.members = int(saved["members"])
+        self.ensemble = self.method.ensemble(
+            build, self.members, seed=int(saved["seed"]), device=self.device,
+            execution=(saved.get("execution") if saved.get("execution") in EXECUTIONS
+                       else "auto"),  # (the checkpoint's resolved choice is set below)
+            members_as=form_from_record(saved.get("members_as")))
+        if saved.get("precision"):  # as the run trained (bf16, compilation)
+            precision.configure(self.ensemble, saved["precision"][0], bool(saved["precision"][1]),
+                                double_backward=self.method.spec.double_backward, name=name)
+        #: the run trained on integer inputs (token ids): ``prepare`` keeps them int64
+        self.integer_inputs = saved.get("input_dtype", "float32").startswith("int")
         model_t, _optim, manifest = load_checkpoint(self.run_dir)
         check_frozen(manifest, self.ensemble.frozen_fingerprint())
         self.ensemble.load_state_tensors({k: v.to(self.device) for k, v in model_t.items()})

@@ -31,8 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from diverse import rundir
 from diverse.app.checkpointing import split_state
-from diverse.app.config import Config, config_to_dict
+from diverse.app.config import Config, config_to_dict, config_to_toml
 from diverse.app.loop import (
     REPULSION_WARNING_RATIO,
     TensorBatches,
@@ -64,7 +65,7 @@ from diverse.nets.samples import Samples, has_samples, load_samples
 
 __all__ = ["PREDICT_SEED", "REPULSION_WARNING_RATIO", "Run", "build_ensemble", "build_run",
            "epoch_seed", "load_trained", "member_outputs", "predict", "predict_run",
-           "predict_trained", "repulsion_warning", "resolve_device", "train"]
+           "predict_trained", "repulsion_warning", "resolve_device", "train", "write_run_config"]
 
 
 @dataclass
@@ -174,6 +175,27 @@ def check_memory(cfg: Config, probe: torch.nn.Module, device: torch.device,
                         f"{count:,} parameters need about {need / 2**30:,.1f} GiB for weights, "
                         f"gradients and optimizer state, more than {where}; use fewer members "
                         "or a smaller model")
+
+
+def model_description(cfg: Config) -> dict[str, Any]:
+    """What :func:`diverse.load` rebuilds a CLI run from: the same description a
+    :func:`diverse.fit` run writes to ``model.json`` (method, members, seed, form,
+    likelihood), with the ``[model]`` section in place of an importable factory and the
+    run's precision."""
+    d = config_to_dict(cfg)
+    return {"format": "diverse-run", "method": d["method"], "members": cfg.ensemble.members,
+            "seed": cfg.train.seed, "execution": cfg.ensemble.execution,
+            "members_as": cfg.ensemble.form().describe(), "input_dtype": "float32",
+            "likelihood": d["likelihood"], "model": d["model"],
+            "precision": [cfg.train.precision, cfg.train.compile], "factory": None,
+            "file": None}
+
+
+def write_run_config(run_dir: Path, cfg: Config) -> None:
+    """A CLI run's ``config.toml`` and its ``model.json`` (:func:`model_description`), both
+    atomically: the one place they are written, so they never disagree."""
+    rundir.write_text(run_dir, rundir.CONFIG, config_to_toml(cfg))
+    rundir.write_json(run_dir, rundir.MODEL, model_description(cfg))
 
 
 def build_ensemble(cfg: Config, input_shape: tuple[int, ...], outputs: int,

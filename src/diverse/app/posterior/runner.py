@@ -57,7 +57,7 @@ def train_or_reuse(cfg: Config, run_dir: Path, dataset: Any, show_progress: bool
     Returns ``(run, samples)``; a deep ensemble's members are saved as its samples.
     A folder holding a run of another config is a UserError.
     """
-    from diverse.app.train import build_run, load_trained, train
+    from diverse.app.train import build_run, load_trained, train, write_run_config
 
     if not _same_config(run_dir, cfg):
         raise UserError(f"{str(run_dir)!r} holds a run with another config; delete it or "
@@ -70,7 +70,7 @@ def train_or_reuse(cfg: Config, run_dir: Path, dataset: Any, show_progress: bool
     resume = (run_dir / "checkpoints" / "latest.json").is_file()
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
-        rundir.write_text(run_dir, rundir.CONFIG, config_to_toml(cfg))
+        write_run_config(run_dir, cfg)
     train(run, run_dir, resume=resume, show_progress=show_progress)
     if run.samples is None:  # deep ensemble: the members are the samples
         skeleton = base_model(cfg, run.dataset, run.likelihood)
