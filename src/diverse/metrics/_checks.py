@@ -88,3 +88,12 @@ def mean_probs(probs: Tensor) -> Tensor:
     """
     return _check_probs(probs).mean(0)
 
+
+def mean_and_labels(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """The ensemble's mean prediction ``(N, C)`` and the checked labels ``(N,)``: the
+    prologue of every metric of the mean prediction (one-line errors for bad input)."""
+    pbar = mean_probs(probs)
+    y = _check_labels(labels, pbar.shape[0], pbar.shape[1])
+    _check_nonempty(pbar.shape[0])
+    return pbar, y
+

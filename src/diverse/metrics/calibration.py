@@ -10,9 +10,7 @@ from torch import Tensor
 
 from diverse.metrics._checks import (
     _check_bins,
-    _check_labels,
-    _check_nonempty,
-    mean_probs,
+    mean_and_labels,
 )
 
 # ------------------------------------------------------------------------- calibration
@@ -20,9 +18,7 @@ from diverse.metrics._checks import (
 
 def _confidence_correct(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """Top-label confidence ``max_c p̄_nc`` and correctness ``1[argmax p̄_n = y_n]``, (N,)."""
-    pbar = mean_probs(probs)
-    y = _check_labels(labels, pbar.shape[0], pbar.shape[1])
-    _check_nonempty(pbar.shape[0])
+    pbar, y = mean_and_labels(probs, labels)
     conf, pred = pbar.max(-1)
     return conf, (pred == y).to(torch.float64)
 

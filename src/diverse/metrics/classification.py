@@ -16,7 +16,7 @@ from diverse.metrics._checks import (
     _check_nonempty,
     _check_probs,
     _tensor,
-    mean_probs,
+    mean_and_labels,
 )
 from diverse.metrics.calibration import adaptive_ece, ece
 from diverse.metrics.uncertainty import (
@@ -40,9 +40,7 @@ def accuracy(probs: Tensor, labels: Tensor) -> Tensor:
     Returns:
         0-dim float64.
     """
-    pbar = mean_probs(probs)
-    y = _check_labels(labels, pbar.shape[0], pbar.shape[1])
-    _check_nonempty(pbar.shape[0])
+    pbar, y = mean_and_labels(probs, labels)
     return (pbar.argmax(-1) == y).to(torch.float64).mean()
 
 
@@ -69,9 +67,7 @@ def nll(probs: Tensor, labels: Tensor, eps: float = 1e-12) -> Tensor:
     Returns:
         0-dim float64.
     """
-    pbar = mean_probs(probs)
-    y = _check_labels(labels, pbar.shape[0], pbar.shape[1])
-    _check_nonempty(pbar.shape[0])
+    pbar, y = mean_and_labels(probs, labels)
     p_true = pbar.gather(1, y[:, None]).squeeze(1)
     return -p_true.clamp_min(eps).log().mean()
 
@@ -116,9 +112,7 @@ def brier(probs: Tensor, labels: Tensor) -> Tensor:
     Returns:
         0-dim float64.
     """
-    pbar = mean_probs(probs)
-    y = _check_labels(labels, pbar.shape[0], pbar.shape[1])
-    _check_nonempty(pbar.shape[0])
+    pbar, y = mean_and_labels(probs, labels)
     onehot = torch.nn.functional.one_hot(y, pbar.shape[1]).to(torch.float64)
     return (pbar - onehot).pow(2).sum(-1).mean()
 
