@@ -62,9 +62,15 @@ def test_every_page_with_code_is_covered():
 
 
 def test_readme_quick_start_runs(scratch, monkeypatch):
+    from diverse.app.train import predict_trained
+    from diverse.nets.likelihoods import Categorical
+
     (ns,) = _run(ROOT / "README.md", scratch, monkeypatch)
-    assert ns["probs"].shape == (8, 4, 3)
     assert ns["members"].form.name == "lora" and not ns["members"].shared_trainable
+    # the loaded run predicts exactly as the trained members in process
+    here = predict_trained(ns["method"], Categorical(), ns["members"], None, ns["x"][:4])
+    assert ns["probs"].shape == (8, 4, 3) and torch.equal(ns["probs"], here["probs"])
+    assert ns["result"].history[-1]["train_nll"] < ns["result"].history[0]["train_nll"] + 0.1
 
 
 def test_library_guide_runs_and_predicts_as_in_process(scratch, monkeypatch):

@@ -231,10 +231,27 @@ def test_lora_members_are_peft_adapters_on_one_frozen_base():
 
 
 def test_full_form_default_is_unchanged():
-    a = diverse.Ensemble(backbone, 3, seed=4)
-    b = diverse.Ensemble(backbone, 3, seed=4, members_as=Full())
-    assert a.state_dict().keys() == b.state_dict().keys()
+    from diverse.nets.ensemble import init_members
+
+    def fresh() -> nn.Module:  # every member its own initialization
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 12), nn.Tanh(), nn.Linear(12, 3))
+
+    a = diverse.Ensemble(fresh, 3, seed=4)
+    b = diverse.Ensemble(fresh, 3, seed=4, members_as=Full())
+    _, params, _ = init_members(fresh, 3, seed=4)  # the members as they always were made
+    for k, v in params.items():
+        assert torch.equal(a.params[k], v) and torch.equal(b.params[k], v), k
     assert not a.shared and a.form.name == "full"
+
+
+def test_a_head_form_resolves_its_default_without_changing_the_users_object():
+    form = Head()
+    first = diverse.Ensemble(backbone, 2, members_as=form)
+    other = diverse.Ensemble(lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 4)), 2,
+                             members_as=form)
+    assert form.modules == ()  # the user's object, unchanged
+    assert first.form.modules == ("3",) and other.form.modules == ("1",)
+    assert set(other.params) == {"1.weight", "1.bias"}
 
 
 def test_ensemble_honours_every_module_method():
@@ -242,6 +259,17 @@ def test_ensemble_honours_every_module_method():
     assert len(list(ens.buffers())) == 3 and dict(ens.named_buffers())
     averaged = torch.optim.swa_utils.AveragedModel(ens, use_buffers=True)
     averaged.update_parameters(ens)
+    with torch.no_grad():  # a second point: parameters and (use_buffers) buffers averaged
+        before = {k: v.clone() for k, v in ens.params.items()}
+        mean_before = ens.member_buffers["1.running_mean"].clone()
+        for v in ens.params.values():
+            v.add_(1.0)
+        ens.member_buffers["1.running_mean"].add_(2.0)
+    averaged.update_parameters(ens)
+    inner = averaged.module
+    for k, v in before.items():
+        torch.testing.assert_close(inner.params[k], v + 0.5)
+    torch.testing.assert_close(inner.member_buffers["1.running_mean"], mean_before + 1.0)
     copy = diverse.Ensemble(lambda: nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), 3,
                             seed=9)
     copy.load_state_dict(ens.state_dict())

@@ -133,8 +133,9 @@ class Ensemble(nn.Module):
             raise UserError(f"ensemble members = {members!r}: must be an integer >= 1")
         if execution not in EXECUTIONS:
             raise UserError(f"ensemble execution = {execution!r}: allowed {', '.join(EXECUTIONS)}")
-        self.form = Full() if members_as is None else members_as
-        built = build_members(self.form, factory, members, seed, member_offset)
+        built = build_members(Full() if members_as is None else members_as, factory, members,
+                              seed, member_offset)
+        self.form = built.form
         skeleton = built.skeleton
         # the skeleton gives the structure to functional_call; it is not a registered
         # child, so its tensors are not counted as parameters of the ensemble. Shared

@@ -33,6 +33,7 @@ form refuses with one line (a frozen head parameter).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ class Built(NamedTuple):
 
     Attributes:
         skeleton: the member module (structure for ``functional_call``).
+        form: the form resolved against the model (a head form's default head named).
         params: member parameters ``{name: (M, *shape)}``.
         fixed: per-member tensors that are not trained ``{name: (M, *shape)}``
             (buffers; frozen parameters that differ between members).
@@ -62,6 +64,7 @@ class Built(NamedTuple):
     params: dict[str, Tensor]
     fixed: dict[str, Tensor]
     shared: dict[str, Tensor]
+    form: MemberForm  # the form with every default resolved against the model
 
 
 def member_seed(seed: int, member: int) -> int:
@@ -85,6 +88,10 @@ class MemberForm:
     def template(self, module: nn.Module) -> nn.Module:
         """The member template made from the user's module (may convert layers)."""
         return module
+
+    def resolve(self, template: nn.Module) -> MemberForm:
+        """This form with its model-dependent defaults filled in (a new object)."""
+        return self
 
     def member_names(self, template: nn.Module) -> list[str]:
         """The parameters that are per member."""
@@ -140,14 +147,18 @@ class Head(MemberForm):
     train_backbone: bool = False
     reinit: bool = True
 
+    def resolve(self, template: nn.Module) -> Head:
+        """No head named: the last module with parameters of its own."""
+        if self.modules:
+            return self
+        last = [n for n, m in template.named_modules()
+                if n and any(True for _ in m.parameters(recurse=False))]
+        if not last:
+            raise UserError("[ensemble] members_as = 'head': the model has no parameters")
+        return dataclasses.replace(self, modules=(last[-1],))
+
     def _heads(self, template: nn.Module) -> dict[str, nn.Module]:
         named = dict(template.named_modules())
-        if not self.modules:  # the last module with parameters of its own
-            last = [n for n, m in template.named_modules()
-                    if n and any(True for _ in m.parameters(recurse=False))]
-            if not last:
-                raise UserError("[ensemble] members_as = 'head': the model has no parameters")
-            object.__setattr__(self, "modules", (last[-1],))
         for name in self.modules:
             if name not in named or name == "":
                 allowed = ", ".join(n for n, m in template.named_modules()
@@ -347,6 +358,7 @@ def build_members(form: MemberForm, factory: Callable[[], nn.Module] | nn.Module
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(member_seed(seed, 0))
         template = form.template(_module(factory))
+    form = form.resolve(template)
     member = form.member_names(template)
     named = dict(template.named_parameters())
     values: dict[str, list[Tensor]] = {k: [] for k in member}
@@ -370,7 +382,7 @@ def build_members(form: MemberForm, factory: Callable[[], nn.Module] | nn.Module
             fixed[k] = b.detach().unsqueeze(0).repeat(members, *([1] * b.dim()))
         else:
             shared[k] = b
-    return Built(template, params, fixed, shared)
+    return Built(template, params, fixed, shared, form)
 
 
 def _build_full(factory: Callable[[], nn.Module] | nn.Module, members: int, seed: int,
@@ -398,7 +410,7 @@ def _build_full(factory: Callable[[], nn.Module] | nn.Module, members: int, seed
             fixed[name] = torch.stack(rows)  # frozen but different: per member, never trained
     for name, _ in skeleton.named_buffers():
         fixed[name] = torch.stack([dict(mod.named_buffers())[name].detach() for mod in modules])
-    return Built(skeleton, params, fixed, shared)
+    return Built(skeleton, params, fixed, shared, Full())
 
 
 def form_from_config(members_as: str, *, head_modules: Sequence[str] = (),
