@@ -269,7 +269,6 @@ def write_model_spec(run_dir: Path, method: Method, ensemble: Ensemble, likeliho
     """``RUN/model.json`` and ``RUN/data.json`` of a Python-API run (atomic), from the
     first training batch's inputs (their shape and dtype: integer ids stay integers)."""
     input_shape = tuple(batch.shape[1:])
-    from diverse.checkpoint import atomic_write_json
     from diverse.data.datasets import DataSpec, write_data_spec
 
     members = ensemble.members
@@ -277,7 +276,7 @@ def write_model_spec(run_dir: Path, method: Method, ensemble: Ensemble, likeliho
         members = int(ensemble.module.cfg.train_members)  # type: ignore[union-attr]
     mean, std = normalization if normalization is not None else ((0.0,), (1.0,))
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / MODEL_FILE, {
+    rundir.write_json(run_dir, rundir.MODEL, {
         "format": "diverse-fit", "method": dataclasses.asdict(method.config),
         "members": members, "seed": ensemble.seed, "execution": ensemble.execution,
         "members_as": ensemble.form.describe(), "input_dtype": str(batch.dtype)[6:],

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -104,5 +103,3 @@ def effective_weight(layer: BatchEnsembleLayer) -> Tensor:
     extra = (1,) * (layer.weight.dim() - 2)
     return layer.weight * layer.s.view(-1, 1, *extra) * layer.r.view(1, -1, *extra)
 
-
-__all__ = ["BatchEnsembleLayer", "FAST", "convert", "effective_weight", "torch"]

@@ -44,10 +44,10 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from diverse.errors import UserError
-from diverse.nets.forms import PEFT_PREFIX, Full, build_members, member_seed
+from diverse.nets.forms import PEFT_PREFIX, Full, build_members
+from diverse.nets.forms import member_seed as member_seed  # (its old home: re-exported)
 
 EXECUTIONS = ("auto", "vmap", "loop")
-__all__ = ["Ensemble", "member_seed", "init_members"]
 
 Params = dict[str, Tensor]
 
